@@ -1,0 +1,91 @@
+"""A thin wrapper over Orbax's CheckpointManager: save the train state and config, restore onto any device layout."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in a workdir holds a model of another shape than the config describes."""
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Maps 'a/b/kernel' -> shape for every array (or array metadata) leaf of a nested dict."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape) for path, leaf in flat
+    }
+
+
+class Checkpointer:
+    """Saves {state, config} every so often under `directory`, keeps the last few, restores the latest."""
+
+    def __init__(self, directory: str, keep: int = 3):
+        """Opens (and creates) the checkpoint directory; it must be an absolute path for Orbax."""
+        self.directory = os.path.abspath(directory)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            # Registered up front so that metadata can be read before the first restore in this process.
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+        )
+
+    def latest_step(self) -> int | None:
+        """The newest saved step, or None when the directory holds no checkpoint."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """Every saved step, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
+        """Starts an asynchronous save of the state (global arrays) and the config dict at `step`."""
+        return self._manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+            force=force,
+        )
+
+    def check_compatible(self, step: int, abstract_params: Any) -> None:
+        """Raises CheckpointMismatchError if the saved params differ in structure or shape from abstract_params."""
+        saved = _shapes_by_path(self._manager.item_metadata(step)["state"].tree["params"])
+        wanted = _shapes_by_path(abstract_params)
+        if saved == wanted:
+            return
+        missing = sorted(set(wanted) - set(saved))
+        extra = sorted(set(saved) - set(wanted))
+        differing = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+        if differing:
+            k = differing[0]
+            detail = f"{k} is {saved[k]} in the checkpoint but {wanted[k]} in the config"
+        elif missing:
+            detail = f"the config has {missing[0]}, the checkpoint does not"
+        else:
+            detail = f"the checkpoint has {extra[0]}, the config does not"
+        raise CheckpointMismatchError(
+            f"the checkpoint at {self.directory}/{step} holds a model of a different shape ({detail}); "
+            "use a new --workdir, or the config it was trained with (its config.json is saved beside the checkpoint)"
+        )
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores (state, config dict) at `step` onto the shardings given in abstract_state."""
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), config=ocp.args.JsonRestore()),
+        )
+        logging.info("restored checkpoint %s/%d", self.directory, step)
+        return restored["state"], restored["config"]
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves have been written."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases the manager's resources."""
+        self._manager.wait_until_finished()
+        self._manager.close()

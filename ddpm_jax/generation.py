@@ -1,0 +1,107 @@
+"""Sampling from trained weights: the compiled, device-sharded sampler and `--mode=sample` from a workdir."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import checkpointing, config_checks, images, parallel, sampling
+from ddpm_jax import schedule as sch
+from ddpm_jax.parallel import DATA_AXIS
+
+Sampler = Callable[[Any, jax.Array, int], tuple[jax.Array, jax.Array]]
+
+
+def make_sampler(
+    config: ml_collections.ConfigDict, model: nn.Module, sched: sch.Schedule, mesh: jax.sharding.Mesh
+) -> Sampler:
+    """Compiled sampler (params, rng, batch) -> (uint8 samples, uint8 frames), with the batch split over devices."""
+    s = config.sampling
+    size = config.data.image_size
+    batch_sharding = parallel.batch_sharded(mesh)
+    frame_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+
+    @functools.partial(jax.jit, static_argnums=(2,), out_shardings=(batch_sharding, frame_sharding))
+    def run(params: Any, rng: jax.Array, batch: int) -> tuple[jax.Array, jax.Array]:
+        def denoise(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+            return model.apply({"params": params}, x, t, train=False)
+
+        x, frames = sampling.sample(
+            denoise, sched, rng, (batch, size, size, 3),
+            method=s.method, num_steps=s.num_steps, eta=s.eta, prediction=config.diffusion.prediction,
+            clip_denoised=s.clip_denoised, num_intermediates=s.num_intermediates,
+            constrain=lambda v: jax.lax.with_sharding_constraint(v, batch_sharding),
+        )
+        return sampling.to_uint8(x), sampling.to_uint8(frames)
+
+    return run
+
+
+def generate(
+    sampler: Sampler, params: Any, rng: jax.Array, num_samples: int, batch_size: int, num_devices: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs the sampler in chunks (rounded up to the device count) and returns num_samples uint8 images and frames."""
+    chunk = -(-min(batch_size, num_samples) // num_devices) * num_devices
+    outs, frames = [], []
+    for i in range(-(-num_samples // chunk)):
+        x, f = sampler(params, jax.random.fold_in(rng, i), chunk)
+        outs.append(np.asarray(jax.device_get(x)))
+        frames.append(np.asarray(jax.device_get(f)))
+    return np.concatenate(outs)[:num_samples], np.concatenate(frames, axis=1)[:, :num_samples]
+
+
+def write_samples(directory: str, name: str, samples: np.ndarray, frames: np.ndarray) -> dict[str, str]:
+    """Writes the grid PNG, the uint8 .npz and (if frames were recorded) the denoising-strip PNG; returns paths."""
+    paths = {
+        "grid": images.save_png(os.path.join(directory, f"{name}.png"), images.make_grid(samples)),
+        "npz": images.save_npz(os.path.join(directory, f"{name}.npz"), samples),
+    }
+    if frames.shape[0]:
+        paths["strip"] = images.save_png(os.path.join(directory, f"{name}_strip.png"), images.make_strip(frames))
+    return paths
+
+
+def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Restores the EMA parameters of the latest checkpoint in workdir, samples, and writes the images."""
+    from ddpm_jax import train  # Local import: train imports this module for its periodic sample grids.
+    from ddpm_jax.models import unet
+
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh()
+    config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
+    ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.training.keep_checkpoints)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
+    model = unet.create_model(config)
+    tx = train.create_optimizer(config)
+    abstract = train.abstract_train_state(config, model, tx, mesh)
+    ckpt.check_compatible(step, abstract.params)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+
+    s = config.sampling
+    sampler = make_sampler(config, model, train.create_schedule(config), mesh)
+    samples, frames = generate(
+        sampler, state.ema_params, jax.random.PRNGKey(config.seed + 2), s.num_samples, s.batch_size, mesh.size
+    )
+    label = f"ddpm{config.diffusion.num_timesteps}" if s.method == "ddpm" else f"ddim{s.num_steps}_eta{s.eta:g}"
+    paths: dict[str, str] = {}
+    if jax.process_index() == 0:
+        paths = write_samples(os.path.join(workdir, "samples"), f"step_{step:07d}_{label}", samples, frames)
+        logging.info("wrote %d samples from the EMA weights at step %d: %s", len(samples), step, paths)
+    return paths

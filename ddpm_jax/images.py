@@ -1,0 +1,50 @@
+"""Image grids and PNG/NPZ files for samples (host-side, NumPy and Pillow)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """Tiles uint8 images (N,H,W,C) into one (rows*H', cols*W', C) image with `padding` pixels between tiles."""
+    n, h, w, c = images.shape
+    ncols = ncols or math.ceil(math.sqrt(n))
+    nrows = math.ceil(n / ncols)
+    grid = np.full((nrows * (h + padding) + padding, ncols * (w + padding) + padding, c), pad_value, np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, ncols)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y : y + h, x : x + w] = img
+    return grid
+
+
+def make_strip(frames: np.ndarray, num_rows: int = 8) -> np.ndarray:
+    """Denoising strip: frames (F,N,H,W,C) -> a grid whose rows are samples and columns go from noise to image."""
+    f, n = frames.shape[:2]
+    rows = min(num_rows, n)
+    tiles = np.transpose(frames[:, :rows], (1, 0, 2, 3, 4)).reshape(rows * f, *frames.shape[2:])
+    return make_grid(tiles, ncols=f)
+
+
+def save_png(path: str, image: np.ndarray) -> str:
+    """Writes a uint8 (H,W,3) or (H,W,1) array as PNG, creating the parent directory; returns the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    tmp = path + ".tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)  # Never leave a half-written picture under the final name.
+    return path
+
+
+def save_npz(path: str, samples: np.ndarray) -> str:
+    """Writes uint8 samples (N,H,W,3) to an .npz under the key 'samples'; returns the path."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez_compressed(tmp, samples=samples)
+    os.replace(tmp, path)
+    return path

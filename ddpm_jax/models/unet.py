@@ -1,0 +1,161 @@
+"""The DDPM UNet of Ho et al. (2020) in Flax linen: time-conditioned ResNet blocks, GroupNorm, self-attention."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def timestep_embedding(t: jnp.ndarray, dim: int, max_period: float = 10000.0) -> jnp.ndarray:
+    """Sinusoidal embedding of integer (or real) timesteps, shape (B,) -> (B, dim), as in Transformer/DDPM."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+def _zero_init() -> nn.initializers.Initializer:
+    return nn.initializers.zeros_init()
+
+
+# DDPM initialises every layer with variance-scaling(1, fan_avg, uniform); the last layer of a residual branch
+# with zeros (here: scale 1e-10 in the original, zero in practice) so each block starts as the identity.
+_default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm -> swish -> conv, plus the time embedding, GroupNorm -> swish -> dropout -> conv, residual."""
+
+    out_ch: int
+    dropout: float
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """Applies the block to x (B,H,W,C) conditioned on temb (B,E)."""
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+        h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_default_init, name="conv1")(h)
+        h = h + nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="temb_proj")(
+            nn.swish(temb)
+        )[:, None, None, :]
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+        h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv2")(h)
+        if x.shape[-1] != self.out_ch:
+            # A 1x1 "network-in-network" projection when the channel count changes.
+            x = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="nin_shortcut")(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention with a residual connection."""
+
+    num_groups: int = 32
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Attends over all H*W positions of x (B,H,W,C)."""
+        b, hh, ww, c = x.shape
+        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        q, k, v = (
+            nn.Dense(c, dtype=self.dtype, kernel_init=_default_init, name=n)(h).reshape(b, hh * ww, c)
+            for n in ("q", "k", "v")
+        )
+        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c**-0.5)
+        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hh, ww, c)
+        h = nn.Dense(c, dtype=self.dtype, kernel_init=_zero_init(), name="proj_out")(h)
+        return x + h
+
+
+class UNet(nn.Module):
+    """DDPM UNet: input (B,H,W,C) in [-1,1] and timesteps (B,) -> output of the same shape as the input.
+
+    ch: base channel count; ch_mult: multiplier per resolution level (each level after the first halves H and W);
+    num_res_blocks: ResNet blocks per level on the way down (one more on the way up); attn_resolutions: spatial
+    sizes (e.g. 16 for 16x16) at which a self-attention block follows each ResNet block.
+    """
+
+    ch: int = 128
+    ch_mult: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: Sequence[int] = (16,)
+    dropout: float = 0.1
+    num_groups: int = 32
+    out_ch: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        """Predicts the network target (eps, x0 or v) for noisy images x at timesteps t."""
+        out_ch = self.out_ch or x.shape[-1]
+        block = {"dropout": self.dropout, "num_groups": self.num_groups, "dtype": self.dtype}
+        temb = timestep_embedding(t, self.ch)
+        temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=_default_init, name="temb_dense0")(temb)
+        temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=_default_init, name="temb_dense1")(
+            nn.swish(temb)
+        )
+
+        h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, kernel_init=_default_init, name="conv_in")(
+            x.astype(self.dtype)
+        )
+        skips = [h]
+        for level, mult in enumerate(self.ch_mult):
+            for i in range(self.num_res_blocks):
+                h = ResnetBlock(self.ch * mult, name=f"down_{level}_block_{i}", **block)(h, temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(self.num_groups, self.dtype, name=f"down_{level}_attn_{i}")(h)
+                skips.append(h)
+            if level != len(self.ch_mult) - 1:
+                h = nn.Conv(
+                    h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype, kernel_init=_default_init,
+                    name=f"down_{level}_downsample",
+                )(h)
+                skips.append(h)
+
+        h = ResnetBlock(h.shape[-1], name="mid_block_1", **block)(h, temb, train)
+        h = AttnBlock(self.num_groups, self.dtype, name="mid_attn")(h)
+        h = ResnetBlock(h.shape[-1], name="mid_block_2", **block)(h, temb, train)
+
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = ResnetBlock(self.ch * mult, name=f"up_{level}_block_{i}", **block)(h, temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = AttnBlock(self.num_groups, self.dtype, name=f"up_{level}_attn_{i}")(h)
+            if level != 0:
+                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x upsampling
+                h = nn.Conv(
+                    h.shape[-1], (3, 3), dtype=self.dtype, kernel_init=_default_init, name=f"up_{level}_upsample"
+                )(h)
+        assert not skips, "every skip connection must be consumed"
+
+        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+        h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv_out")(h)
+        return h.astype(jnp.float32)
+
+
+def create_model(config: Any) -> UNet:
+    """Builds the UNet from a `config.model` ConfigDict."""
+    m = config.model
+    return UNet(
+        ch=m.ch,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        num_groups=m.num_groups,
+        dtype=jnp.dtype(m.dtype),
+    )

@@ -1,0 +1,269 @@
+"""Training: the TrainState, a pure train step, its data-parallel wrapper, and the train_and_evaluate loop."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from ddpm_jax import checkpointing, config_checks, generation, images, input_pipeline, losses, metrics, parallel
+from ddpm_jax import schedule as sch
+from ddpm_jax.models import unet
+from ddpm_jax.parallel import DATA_AXIS
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree of global arrays, saved whole in checkpoints."""
+
+    step: jnp.ndarray
+    params: Any
+    ema_params: Any
+    opt_state: Any
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up from 0 to the learning rate over optim.warmup_steps, then constant (as in DDPM)."""
+    lr, warmup = config.optim.learning_rate, config.optim.warmup_steps
+
+    def schedule(step: jnp.ndarray) -> jnp.ndarray:
+        if warmup <= 0:
+            return jnp.asarray(lr, jnp.float32)
+        return lr * jnp.minimum(1.0, (step + 1) / warmup)
+
+    return schedule
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Global-norm clipping followed by Adam or AdamW on the warm-up schedule."""
+    o = config.optim
+    lr = learning_rate_schedule(config)
+    if o.optimizer == "adam":
+        opt = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.optimizer == "adamw":
+        opt = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        raise ValueError(f"unknown optim.optimizer {o.optimizer!r}; accepted: adam, adamw")
+    if o.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), opt)
+    return opt
+
+
+def create_schedule(config: ml_collections.ConfigDict) -> sch.Schedule:
+    """The noise schedule named by config.diffusion."""
+    d = config.diffusion
+    return sch.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end)
+
+
+def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation) -> Callable:
+    size = config.data.image_size
+
+    def init(rng: jax.Array) -> TrainState:
+        x = jnp.zeros((1, size, size, 3), jnp.float32)
+        params = model.init({"params": rng}, x, jnp.zeros((1,), jnp.int32), train=False)["params"]
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.array, params),
+            opt_state=tx.init(params),
+        )
+
+    return init
+
+
+def init_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """Initialises parameters, EMA and optimizer state from config.seed, replicated over the mesh."""
+    init = _init_fn(config, model, tx)
+    return jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
+) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the train state, without computing it: a restore target."""
+    shapes = jax.eval_shape(_init_fn(config, model, tx), jax.random.PRNGKey(0))
+    sharding = parallel.replicated(mesh)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def ema_decay_at(step: jnp.ndarray, decay: float) -> jnp.ndarray:
+    """EMA decay with warm-up, min(decay, (1 + step) / (10 + step)): early averages forget the random init fast."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(
+    state: TrainState,
+    batch: jnp.ndarray,
+    *,
+    model: nn.Module,
+    sched: sch.Schedule,
+    tx: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+    axis_name: str = DATA_AXIS,
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+    """One optimizer step on this device's share of the batch (uint8 images); gradients are averaged over devices.
+
+    Randomness is a pure function of (seed, step, global example index) for noise, timesteps and flips, so a step
+    gives the same update on any number of devices; dropout keys also depend on the device index.
+    """
+    device = jax.lax.axis_index(axis_name)
+    local_batch = batch.shape[0]
+    step_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
+    example_ids = device * local_batch + jnp.arange(local_batch)
+    example_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(step_rng, 0), example_ids)
+    flip_keys, diffusion_keys = jnp.moveaxis(jax.vmap(jax.random.split)(example_keys), 1, 0)
+    dropout_rng = jax.random.fold_in(jax.random.fold_in(step_rng, 1), device)
+
+    x0 = batch.astype(jnp.float32) / 127.5 - 1.0
+    if config.data.random_flip:
+        flip = jax.vmap(jax.random.bernoulli)(flip_keys)
+        x0 = jnp.where(flip[:, None, None, None], x0[:, :, ::-1, :], x0)
+    noise, t = losses.sample_noise_and_timesteps(diffusion_keys, x0.shape[1:], sched.num_timesteps)
+
+    def loss_fn(params: Any) -> jnp.ndarray:
+        def apply(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
+            return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
+
+        local_loss = losses.diffusion_loss(apply, sched, x0, t, noise, config.diffusion.prediction)
+        # Every device holds the same number of examples, so the mean of per-device means is the global mean.
+        return jax.lax.pmean(local_loss, axis_name)
+
+    # The params are replicated (device-invariant) inputs of shard_map, so differentiating the all-reduced loss
+    # makes autodiff insert the matching all-reduce of the per-device gradients: `grads` is the global-batch mean
+    # gradient, identical on every device. (A further pmean of grads here would be a no-op; a psum would be wrong.)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, config.training.ema_decay)
+    ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+    scalars = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "learning_rate": learning_rate_schedule(config)(state.step),
+    }
+    return new_state, scalars
+
+
+def make_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    sched: sch.Schedule,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jnp.ndarray]]]:
+    """The compiled data-parallel step: state replicated, batch split over the 'data' axis, state donated."""
+    step = functools.partial(train_step, model=model, sched=sched, tx=tx, config=config)
+    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+    return jax.jit(sharded, donate_argnums=(0,))
+
+
+def _resume_or_init(
+    config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh, ckpt: checkpointing.Checkpointer,
+) -> TrainState:
+    latest = ckpt.latest_step()
+    if latest is None:
+        logging.info("no checkpoint in %s: starting from scratch", ckpt.directory)
+        return init_train_state(config, model, tx, mesh)
+    abstract = abstract_train_state(config, model, tx, mesh)
+    ckpt.check_compatible(latest, abstract.params)
+    state, _ = ckpt.restore(latest, abstract)
+    logging.info("resuming training from the checkpoint at step %d in %s", latest, ckpt.directory)
+    return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the model of `config`, writing checkpoints, metrics and sample grids under workdir."""
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh()
+    config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
+    t = config.training
+    source = input_pipeline.create_source(
+        config.data.dataset, config.data.image_size, split=config.data.split,
+        tfds_data_dir=config.data.tfds_data_dir or None,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+    )
+    logging.info("dataset %s: %d images of %dx%d on this host", config.data.dataset, len(source),
+                 config.data.image_size, config.data.image_size)
+
+    model = unet.create_model(config)
+    sched = create_schedule(config)
+    tx = create_optimizer(config)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
+    state = _resume_or_init(config, model, tx, mesh, ckpt)
+    start_step = int(state.step)
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("UNet with %.2f M parameters on %d devices (%s)", num_params / 1e6, mesh.size,
+                 jax.devices()[0].platform)
+
+    train_step_fn = make_train_step(config, model, sched, tx, mesh)
+    sampler = generation.make_sampler(config, model, sched, mesh)
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    batches = input_pipeline.train_batches(
+        source, batch_size=t.batch_size // jax.process_count(), seed=config.seed, start_step=start_step
+    )
+    pending: list[dict[str, jax.Array]] = []
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    try:
+        for step in range(start_step + 1, t.num_train_steps + 1):
+            batch = parallel.global_batch(mesh, next(batches))
+            state, scalars = train_step_fn(state, batch)
+            pending.append(scalars)
+            window_steps += 1
+            if step == start_step + 1:  # Leave compilation out of the throughput figures.
+                jax.block_until_ready(state.step)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % t.log_every_steps == 0 or step == t.num_train_steps:
+                summary = {k: float(np.mean([jax.device_get(s[k]) for s in pending])) for k in pending[0]}
+                if not np.isfinite(summary["loss"]):
+                    raise FloatingPointError(
+                        f"the loss became {summary['loss']} by step {step}; the last checkpoint is kept. "
+                        "Lower optim.learning_rate or set optim.grad_clip_norm"
+                    )
+                elapsed = time.perf_counter() - window_start
+                summary["steps_per_sec"] = window_steps / elapsed
+                summary["images_per_sec"] = window_steps * t.batch_size / elapsed
+                metrics.log_progress(step, t.num_train_steps, summary)
+                writer.write_scalars(step, summary)
+                pending, window_start, window_steps = [], time.perf_counter(), 0
+            if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps:
+                ckpt.save(step, state, config.to_dict())
+            if t.sample_every_steps and (step % t.sample_every_steps == 0 or step == t.num_train_steps):
+                samples, frames = generation.generate(
+                    sampler, state.ema_params, jax.random.PRNGKey(config.seed + 1),
+                    config.sampling.num_samples, config.sampling.batch_size, mesh.size,
+                )
+                if jax.process_index() == 0:
+                    paths = generation.write_samples(
+                        os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames
+                    )
+                    writer.write_image(step, "samples", images.make_grid(samples))
+                    logging.info("step %d: wrote sample grid %s", step, paths["grid"])
+                window_start, window_steps = time.perf_counter(), 0  # Sampling is not training time.
+    finally:
+        batches.close()
+        ckpt.close()
+        writer.close()
+    if start_step >= t.num_train_steps:
+        logging.info("the checkpoint is already at step %d >= training.num_train_steps: nothing to train", start_step)
+    return state
