@@ -55,6 +55,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     check_known_keys(config)
     d, m, diff, o, t, s = (config.data, config.model, config.diffusion, config.optim, config.training, config.sampling)
 
+    _require(config.seed >= 0, f"seed={config.seed} must be >= 0")
     _require(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
     ch_mult = tuple(m.ch_mult)
     _require(len(ch_mult) > 0 and all(c > 0 for c in ch_mult), f"model.ch_mult={ch_mult} needs positive multipliers")

@@ -153,7 +153,7 @@ def train_step(
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
     scalars = {
         "loss": loss,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree_utils.tree_norm(grads),
         "learning_rate": learning_rate_schedule(config)(state.step),
     }
     return new_state, scalars

@@ -9,6 +9,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 Dtype = Any
 
@@ -67,15 +68,16 @@ class AttnBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Attends over all H*W positions of x (B,H,W,C)."""
-        b, hh, ww, c = x.shape
+        height, c = x.shape[1], x.shape[-1]
         h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         q, k, v = (
-            nn.Dense(c, dtype=self.dtype, kernel_init=_default_init, name=n)(h).reshape(b, hh * ww, c)
+            rearrange(nn.Dense(c, dtype=self.dtype, kernel_init=_default_init, name=n)(h), "b h w c -> b (h w) c")
             for n in ("q", "k", "v")
         )
+        # Softmax in float32 even when computing in bfloat16: the logits of large maps overflow otherwise.
         logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (c**-0.5)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hh, ww, c)
+        h = rearrange(jnp.einsum("bqk,bkc->bqc", weights, v), "b (h w) c -> b h w c", h=height)
         h = nn.Dense(c, dtype=self.dtype, kernel_init=_zero_init(), name="proj_out")(h)
         return x + h
 
