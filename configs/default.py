@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every_steps = 50_000  # 0 turns off sample grids during training.
     training.keep_checkpoints = 3
     training.ema_decay = 0.9999
+    # A non-finite loss stops training (the last checkpoint is kept); True skips such updates and counts them.
+    training.skip_nonfinite_updates = False
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "ddpm"  # ddpm (ancestral, all T steps) | ddim (sampling.num_steps respaced steps)

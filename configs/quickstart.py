@@ -29,10 +29,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim.warmup_steps = 100
 
     config.training.batch_size = 32
-    config.training.num_train_steps = 1500
+    config.training.num_train_steps = 1200
     config.training.log_every_steps = 50
-    config.training.checkpoint_every_steps = 500
-    config.training.sample_every_steps = 750
+    config.training.checkpoint_every_steps = 400
+    config.training.sample_every_steps = 600
     config.training.ema_decay = 0.995
 
     config.sampling.method = "ddim"

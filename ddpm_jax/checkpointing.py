@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import time
+import uuid
 from typing import Any
 
 import jax
@@ -12,6 +15,33 @@ from absl import logging
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint in a workdir holds a model of another shape than the config describes."""
+
+
+class WorkdirError(OSError):
+    """The workdir cannot hold this run's checkpoints: not writable, or not enough free space."""
+
+
+def check_workdir(workdir: str, state_bytes: int) -> None:
+    """Fails early, with a clear message, if workdir is not writable or has too little space for two checkpoints."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{uuid.uuid4().hex}")
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise WorkdirError(f"cannot write to --workdir={workdir} ({reason}); choose a writable directory") from e
+    # Two checkpoints may coexist while the older one is replaced, plus room for samples and event files.
+    needed = 2 * state_bytes + (64 << 20)
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise WorkdirError(
+            f"--workdir={workdir} has {free / 2**20:.0f} MiB free but checkpoints of this model need about "
+            f"{needed / 2**20:.0f} MiB; free some space or choose another directory"
+        )
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -80,6 +110,38 @@ class Checkpointer:
         )
         logging.info("restored checkpoint %s/%d", self.directory, step)
         return restored["state"], restored["config"]
+
+    def restore_latest_intact(self, abstract_state: Any, set_aside_damaged: bool = False) -> tuple[Any, int] | None:
+        """Restores the newest checkpoint that reads back whole; None if there is none.
+
+        A checkpoint whose files are missing or corrupt is skipped with a warning (and, when training, renamed to
+        `damaged-<step>-<time>` so that the step can be saved again); a model-shape mismatch is raised, not skipped.
+        """
+        restored = None
+        moved = False
+        for step in reversed(self.all_steps()):
+            try:
+                self.check_compatible(step, abstract_state.params)
+                restored = (self.restore(step, abstract_state)[0], step)
+                break
+            except CheckpointMismatchError:
+                raise
+            except Exception as e:  # Orbax/TensorStore raise many types for truncated or missing files.
+                reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                logging.warning("the checkpoint at %s/%d is damaged (%s); falling back to an older one",
+                                self.directory, step, reason[:300])
+                if set_aside_damaged and jax.process_index() == 0:
+                    target = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                    os.rename(os.path.join(self.directory, str(step)), target)
+                    logging.warning("moved the damaged checkpoint to %s", target)
+                    moved = True
+        if moved:
+            self._manager.reload()
+        return restored
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the multi-host preemption service says this step is the one to save at before stopping."""
+        return self._manager.reached_preemption(step)
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves have been written."""

@@ -84,15 +84,15 @@ def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
     ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.training.keep_checkpoints)
-    step = ckpt.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
     model = unet.create_model(config)
-    tx = train.create_optimizer(config)
-    abstract = train.abstract_train_state(config, model, tx, mesh)
-    ckpt.check_compatible(step, abstract.params)
-    state, _ = ckpt.restore(step, abstract)
+    abstract = train.abstract_train_state(config, model, train.create_optimizer(config), mesh)
+    restored = ckpt.restore_latest_intact(abstract)
     ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(
+            f"no intact checkpoint in {ckpt_dir}: train first with --mode=train --workdir={workdir}"
+        )
+    state, step = restored
 
     s = config.sampling
     sampler = make_sampler(config, model, train.create_schedule(config), mesh)

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
     workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     known_errors = (config_checks.ConfigError, input_pipeline.DataError, checkpointing.CheckpointMismatchError,
-                    FileNotFoundError, FloatingPointError)
+                    checkpointing.WorkdirError, FileNotFoundError, FloatingPointError)
     try:
         if FLAGS.mode == "train":
             from ddpm_jax import train

@@ -18,7 +18,17 @@ import optax
 from absl import logging
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import checkpointing, config_checks, generation, images, input_pipeline, losses, metrics, parallel
+from ddpm_jax import (
+    checkpointing,
+    config_checks,
+    generation,
+    images,
+    input_pipeline,
+    losses,
+    metrics,
+    parallel,
+    preemption,
+)
 from ddpm_jax import schedule as sch
 from ddpm_jax.models import unet
 from ddpm_jax.parallel import DATA_AXIS
@@ -146,16 +156,19 @@ def train_step(
     # makes autodiff insert the matching all-reduce of the per-device gradients: `grads` is the global-batch mean
     # gradient, identical on every device. (A further pmean of grads here would be a no-op; a psum would be wrong.)
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grad_norm = optax.tree_utils.tree_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, config.training.ema_decay)
     ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
     new_state = TrainState(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-    scalars = {
-        "loss": loss,
-        "grad_norm": optax.tree_utils.tree_norm(grads),
-        "learning_rate": learning_rate_schedule(config)(state.step),
-    }
+    scalars = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate_schedule(config)(state.step)}
+    if config.training.skip_nonfinite_updates:
+        # Keep the old parameters, EMA and optimizer moments when this step's loss or gradients are not finite.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = state.replace(step=new_state.step)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+        scalars["skipped_updates"] = 1.0 - finite.astype(jnp.float32)
     return new_state, scalars
 
 
@@ -176,23 +189,40 @@ def _resume_or_init(
     config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh, ckpt: checkpointing.Checkpointer,
 ) -> TrainState:
-    latest = ckpt.latest_step()
-    if latest is None:
+    abstract = abstract_train_state(config, model, tx, mesh)
+    restored = ckpt.restore_latest_intact(abstract, set_aside_damaged=True)
+    if restored is None:
         logging.info("no checkpoint in %s: starting from scratch", ckpt.directory)
         return init_train_state(config, model, tx, mesh)
-    abstract = abstract_train_state(config, model, tx, mesh)
-    ckpt.check_compatible(latest, abstract.params)
-    state, _ = ckpt.restore(latest, abstract)
-    logging.info("resuming training from the checkpoint at step %d in %s", latest, ckpt.directory)
+    state, step = restored
+    logging.info("resuming training from the checkpoint at step %d in %s", step, ckpt.directory)
     return state
 
 
+def _state_bytes(state: TrainState) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
+def _raise_nonfinite(loss: float, step: int, last_saved: int | None) -> None:
+    kept = f"the checkpoint at step {last_saved} is kept" if last_saved is not None else "nothing was saved"
+    raise FloatingPointError(
+        f"the loss became {loss} by step {step}; {kept}. Lower optim.learning_rate, keep optim.grad_clip_norm > 0, "
+        "or set training.skip_nonfinite_updates=True to skip such updates"
+    )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the model of `config`, writing checkpoints, metrics and sample grids under workdir."""
+    """Trains (or resumes) the model of `config`, writing checkpoints, metrics and sample grids under workdir.
+
+    SIGTERM or SIGINT saves a checkpoint at the end of the current step and returns; running again resumes.
+    """
     workdir = os.path.abspath(workdir)
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
     t = config.training
+    model = unet.create_model(config)
+    tx = create_optimizer(config)
+    checkpointing.check_workdir(workdir, _state_bytes(abstract_train_state(config, model, tx, mesh)))
     source = input_pipeline.create_source(
         config.data.dataset, config.data.image_size, split=config.data.split,
         tfds_data_dir=config.data.tfds_data_dir or None,
@@ -201,12 +231,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("dataset %s: %d images of %dx%d on this host", config.data.dataset, len(source),
                  config.data.image_size, config.data.image_size)
 
-    model = unet.create_model(config)
     sched = create_schedule(config)
-    tx = create_optimizer(config)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     state = _resume_or_init(config, model, tx, mesh, ckpt)
     start_step = int(state.step)
+    last_saved = start_step if start_step > 0 else None
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("UNet with %.2f M parameters on %d devices (%s)", num_params / 1e6, mesh.size,
                  jax.devices()[0].platform)
@@ -223,43 +252,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     pending: list[dict[str, jax.Array]] = []
     window_start, window_steps = time.perf_counter(), 0
-    step = start_step
     try:
-        for step in range(start_step + 1, t.num_train_steps + 1):
-            batch = parallel.global_batch(mesh, next(batches))
-            state, scalars = train_step_fn(state, batch)
-            pending.append(scalars)
-            window_steps += 1
-            if step == start_step + 1:  # Leave compilation out of the throughput figures.
-                jax.block_until_ready(state.step)
-                window_start, window_steps = time.perf_counter(), 0
-            if step % t.log_every_steps == 0 or step == t.num_train_steps:
-                summary = {k: float(np.mean([jax.device_get(s[k]) for s in pending])) for k in pending[0]}
-                if not np.isfinite(summary["loss"]):
-                    raise FloatingPointError(
-                        f"the loss became {summary['loss']} by step {step}; the last checkpoint is kept. "
-                        "Lower optim.learning_rate or set optim.grad_clip_norm"
+        with preemption.StopRequest() as stop:
+            for step in range(start_step + 1, t.num_train_steps + 1):
+                batch = parallel.global_batch(mesh, next(batches))
+                state, scalars = train_step_fn(state, batch)
+                pending.append(scalars)
+                window_steps += 1
+                if step == start_step + 1:  # Leave compilation out of the throughput figures.
+                    jax.block_until_ready(state.step)
+                    window_start, window_steps = time.perf_counter(), 0
+                stopping = stop.requested or ckpt.reached_preemption(step)
+                if step % t.log_every_steps == 0 or step == t.num_train_steps:
+                    window = {k: np.array([jax.device_get(s[k]) for s in pending]) for k in pending[0]}
+                    summary = {k: float(np.mean(v)) for k, v in window.items()}
+                    if t.skip_nonfinite_updates:
+                        finite = np.isfinite(window["loss"])
+                        summary["loss"] = float(np.mean(window["loss"][finite])) if finite.any() else float("nan")
+                        summary["skipped_updates"] = float(np.sum(window["skipped_updates"]))
+                        if summary["skipped_updates"]:
+                            logging.warning("skipped %d non-finite updates in the last %d steps",
+                                            summary["skipped_updates"], len(pending))
+                    elif not np.isfinite(summary["loss"]):
+                        _raise_nonfinite(summary["loss"], step, last_saved)
+                    elapsed = time.perf_counter() - window_start
+                    summary["steps_per_sec"] = window_steps / elapsed
+                    summary["images_per_sec"] = window_steps * t.batch_size / elapsed
+                    metrics.log_progress(step, t.num_train_steps, summary)
+                    writer.write_scalars(step, summary)
+                    pending, window_start, window_steps = [], time.perf_counter(), 0
+                if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps or stopping:
+                    loss = float(scalars["loss"])
+                    if not t.skip_nonfinite_updates and not np.isfinite(loss):
+                        _raise_nonfinite(loss, step, last_saved)  # Never save a state that a non-finite step made.
+                    ckpt.save(step, state, config.to_dict())
+                    last_saved = step
+                if stopping:
+                    ckpt.wait()
+                    logging.warning("stopped at step %d by %s; checkpoint saved. Run the same command to resume",
+                                    step, stop.signal_name or "a preemption notice")
+                    break
+                if t.sample_every_steps and (step % t.sample_every_steps == 0 or step == t.num_train_steps):
+                    samples, frames = generation.generate(
+                        sampler, state.ema_params, jax.random.PRNGKey(config.seed + 1),
+                        config.sampling.num_samples, config.sampling.batch_size, mesh.size,
                     )
-                elapsed = time.perf_counter() - window_start
-                summary["steps_per_sec"] = window_steps / elapsed
-                summary["images_per_sec"] = window_steps * t.batch_size / elapsed
-                metrics.log_progress(step, t.num_train_steps, summary)
-                writer.write_scalars(step, summary)
-                pending, window_start, window_steps = [], time.perf_counter(), 0
-            if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps:
-                ckpt.save(step, state, config.to_dict())
-            if t.sample_every_steps and (step % t.sample_every_steps == 0 or step == t.num_train_steps):
-                samples, frames = generation.generate(
-                    sampler, state.ema_params, jax.random.PRNGKey(config.seed + 1),
-                    config.sampling.num_samples, config.sampling.batch_size, mesh.size,
-                )
-                if jax.process_index() == 0:
-                    paths = generation.write_samples(
-                        os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames
-                    )
-                    writer.write_image(step, "samples", images.make_grid(samples))
-                    logging.info("step %d: wrote sample grid %s", step, paths["grid"])
-                window_start, window_steps = time.perf_counter(), 0  # Sampling is not training time.
+                    if jax.process_index() == 0:
+                        paths = generation.write_samples(
+                            os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames
+                        )
+                        writer.write_image(step, "samples", images.make_grid(samples))
+                        logging.info("step %d: wrote sample grid %s", step, paths["grid"])
+                    window_start, window_steps = time.perf_counter(), 0  # Sampling is not training time.
     finally:
         batches.close()
         ckpt.close()

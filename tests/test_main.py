@@ -50,7 +50,7 @@ def test_train_resume_and_sample_through_main(butterflies_dir, tmp_path):
     assert samples.shape == (6, 8, 8, 3) and samples.dtype == np.uint8
     assert samples.std() > 0  # Not a blank image.
     strip = Image.open(workdir / "samples" / "step_0000006_ddpm50_strip.png")
-    assert strip.size[0] > strip.size[1]  # Frames run left to right.
+    assert strip.size == (4 * 10 + 2, 6 * 10 + 2)  # 4 frames left to right, one row per sample, 2-pixel padding.
 
 
 @pytest.mark.parametrize(

@@ -30,8 +30,8 @@ def test_diffusers_tutorial_unet_size():
 def test_output_shape_zero_init_and_time_conditioning():
     model = unet.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.1)
     apply = jax.jit(model.apply, static_argnames="train")
-    x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 3))
-    t = jnp.array([0, 10, 999])
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    t = jnp.array([10, 999])
     params = jax.jit(model.init)(jax.random.PRNGKey(1), x, t)["params"]
     out = apply({"params": params}, x, t)
     assert out.shape == x.shape and out.dtype == jnp.float32
@@ -41,7 +41,7 @@ def test_output_shape_zero_init_and_time_conditioning():
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
     params = treedef.unflatten([v + 0.05 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys, strict=True)])
-    a = apply({"params": params}, x[:1].repeat(2, 0), jnp.array([5, 500]))
+    a = apply({"params": params}, x[:1].repeat(2, 0), t)
     assert not np.allclose(a[0], a[1], atol=1e-4)
     b = apply({"params": params}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
     assert not np.allclose(b, apply({"params": params}, x, t), atol=1e-4)
