@@ -51,14 +51,16 @@ def make_sampler(
 def generate(
     sampler: Sampler, params: Any, rng: jax.Array, num_samples: int, batch_size: int, num_devices: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Runs the sampler in chunks (rounded up to the device count) and returns num_samples uint8 images and frames."""
+    """Samples in chunks (a multiple of the device count); returns num_samples uint8 images and the frames."""
+    # Only the first chunk's frames are kept: the denoising strip shows a few rows, and 50k frames would not fit.
     chunk = -(-min(batch_size, num_samples) // num_devices) * num_devices
-    outs, frames = [], []
+    outs, frames = [], None
     for i in range(-(-num_samples // chunk)):
         x, f = sampler(params, jax.random.fold_in(rng, i), chunk)
         outs.append(np.asarray(jax.device_get(x)))
-        frames.append(np.asarray(jax.device_get(f)))
-    return np.concatenate(outs)[:num_samples], np.concatenate(frames, axis=1)[:, :num_samples]
+        if frames is None:
+            frames = np.asarray(jax.device_get(f))[:, :num_samples]
+    return np.concatenate(outs)[:num_samples], frames
 
 
 def write_samples(directory: str, name: str, samples: np.ndarray, frames: np.ndarray) -> dict[str, str]:
