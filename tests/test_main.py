@@ -20,10 +20,12 @@ TINY_FLAGS = [
 ]
 
 
-def run_main(workdir, *flags, devices=2, timeout=600):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "ddpm_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}", *flags]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def run_main(workdir, *flags, devices=2, timeout=600, cwd=REPO):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    config = os.path.relpath(REPO / "configs" / "quickstart.py", cwd)
+    cmd = [sys.executable, "-m", "ddpm_jax.main", f"--config={config}", f"--workdir={workdir}", *flags]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_train_resume_and_sample_through_main(butterflies_dir, tmp_path):
@@ -69,6 +71,13 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, butterflies_dir, flags, me
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert time.monotonic() - start < 60
+
+
+def test_config_files_load_from_any_working_directory(tmp_path, butterflies_dir):
+    """Experiment configs import configs/default.py; that must work when --config is a path from elsewhere."""
+    result = run_main(tmp_path / "run", f"--config.data.dataset={butterflies_dir}", *TINY_FLAGS,
+                      "--config.training.batch_size=7", cwd=tmp_path)
+    assert result.returncode == 2 and "not divisible by the 2 devices" in result.stderr, result.stderr[-2000:]
 
 
 def test_sampling_a_workdir_without_checkpoints_says_train_first(tmp_path):
