@@ -88,3 +88,25 @@ def test_training_resumes_exactly_from_a_checkpoint(tiny, tmp_path):
     assert int(resumed.step) == 6
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_bfloat16_compute_trains_like_float32_with_float32_state(butterflies_dir):
+    """model.dtype=bfloat16 computes in bf16 but keeps params, EMA and Adam moments in float32; losses track fp32."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(str(butterflies_dir), 16)
+        config.model.ch, config.model.attn_resolutions, config.model.dtype = 16, (8,), dtype
+        config.optim.learning_rate = 3e-3
+        source = input_pipeline.create_source(config.data.dataset, 16)
+        batches = [source.get_batch(input_pipeline.batch_indices(s, 16, len(source), 0)) for s in range(30)]
+        runs[dtype] = _run_steps(config, parallel.make_mesh(jax.devices()[:1]), batches)
+    state, bf16_losses = runs["bfloat16"]
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves((state.params, state.ema_params))), "params stay fp32"
+    assert all(x.dtype in (np.float32, np.int32) for x in jax.tree.leaves(state.opt_state))
+    fp32_losses = runs["float32"][1]
+    np.testing.assert_allclose(bf16_losses[0], fp32_losses[0], rtol=0.02)  # Same data, noise and init.
+    late32, late16 = np.mean(fp32_losses[-10:]), np.mean(bf16_losses[-10:])
+    print(f"first loss fp32 {fp32_losses[0]:.4f} bf16 {bf16_losses[0]:.4f}; last-10 mean fp32 {late32:.4f} "
+          f"bf16 {late16:.4f}")
+    assert abs(late16 - late32) < 0.1 * late32, (late32, late16)
+    assert late16 < 0.7 * np.mean(bf16_losses[:5])  # And it does learn.
