@@ -187,9 +187,8 @@ def make_train_step(
 
 def _resume_or_init(
     config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
-    mesh: jax.sharding.Mesh, ckpt: checkpointing.Checkpointer,
+    mesh: jax.sharding.Mesh, ckpt: checkpointing.Checkpointer, abstract: TrainState,
 ) -> TrainState:
-    abstract = abstract_train_state(config, model, tx, mesh)
     restored = ckpt.restore_latest_intact(abstract, set_aside_damaged=True)
     if restored is None:
         logging.info("no checkpoint in %s: starting from scratch", ckpt.directory)
@@ -222,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     t = config.training
     model = unet.create_model(config)
     tx = create_optimizer(config)
-    checkpointing.check_workdir(workdir, _state_bytes(abstract_train_state(config, model, tx, mesh)))
+    abstract = abstract_train_state(config, model, tx, mesh)
+    checkpointing.check_workdir(workdir, _state_bytes(abstract))
     source = input_pipeline.create_source(
         config.data.dataset, config.data.image_size, split=config.data.split,
         tfds_data_dir=config.data.tfds_data_dir or None,
@@ -233,7 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     sched = create_schedule(config)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
-    state = _resume_or_init(config, model, tx, mesh, ckpt)
+    state = _resume_or_init(config, model, tx, mesh, ckpt, abstract)
     start_step = int(state.step)
     last_saved = start_step if start_step > 0 else None
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
