@@ -74,36 +74,52 @@ def write_samples(directory: str, name: str, samples: np.ndarray, frames: np.nda
     return paths
 
 
-def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Restores the EMA parameters of the latest checkpoint in workdir, samples, and writes the images."""
+def restore_ema_params(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+) -> tuple[nn.Module, Any, int]:
+    """The model of `config` and the EMA parameters and step of the latest intact checkpoint in workdir."""
     from ddpm_jax import train  # Local import: train imports this module for its periodic sample grids.
     from ddpm_jax.models import unet
 
-    workdir = os.path.abspath(workdir)
-    mesh = parallel.make_mesh()
-    config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
-    ckpt_dir = os.path.join(workdir, "checkpoints")
+    ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
     ckpt = checkpointing.Checkpointer(ckpt_dir, keep=config.training.keep_checkpoints)
     model = unet.create_model(config)
     abstract = train.abstract_train_state(config, model, train.create_optimizer(config), mesh)
-    restored = ckpt.restore_latest_intact(abstract)
-    ckpt.close()
+    try:
+        restored = ckpt.restore_latest_intact(abstract)
+    finally:
+        ckpt.close()
     if restored is None:
         raise FileNotFoundError(
             f"no intact checkpoint in {ckpt_dir}: train first with --mode=train --workdir={workdir}"
         )
     state, step = restored
+    return model, state.ema_params, step
+
+
+def sample_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Restores the EMA parameters of the latest checkpoint in workdir, samples, and writes the images.
+
+    Returns {label: path} for the grid PNG, the uint8 .npz and (if frames were recorded) the denoising strip.
+    """
+    from ddpm_jax import train  # Local import: train imports this module for its periodic sample grids.
+
+    workdir = os.path.abspath(workdir)
+    mesh = parallel.make_mesh()
+    config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
+    model, ema_params, step = restore_ema_params(config, workdir, mesh)
 
     s = config.sampling
     sampler = make_sampler(config, model, train.create_schedule(config), mesh)
     samples, frames = generate(
-        sampler, state.ema_params, jax.random.PRNGKey(config.seed + 2), s.num_samples, s.batch_size, mesh.size
+        sampler, ema_params, jax.random.PRNGKey(config.seed + 2), s.num_samples, s.batch_size, mesh.size
     )
     label = f"ddpm{config.diffusion.num_timesteps}" if s.method == "ddpm" else f"ddim{s.num_steps}_eta{s.eta:g}"
     paths: dict[str, str] = {}
     if jax.process_index() == 0:
         paths = write_samples(os.path.join(workdir, "samples"), f"step_{step:07d}_{label}", samples, frames)
         logging.info("wrote %d samples from the EMA weights at step %d: %s", len(samples), step, paths)
-    return paths
+    labels = {"grid": "sample grid", "npz": "samples (uint8 N,H,W,3)", "strip": "denoising strip"}
+    return {labels[k]: v for k, v in paths.items()}

@@ -1,10 +1,11 @@
 """Command-line entry point: parses --config, --workdir and --mode, then dispatches. Nothing else lives here.
 
-python -m ddpm_jax.main --config=configs/quickstart.py --workdir=/tmp/run [--mode=train|sample] [--config.KEY=VALUE]
+python -m ddpm_jax.main --config=configs/quickstart.py --workdir=/tmp/run [--mode=MODE] [--config.KEY=VALUE]
 """
 
 from __future__ import annotations
 
+import importlib
 import logging as py_logging
 import os
 import sys
@@ -15,8 +16,12 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/NAME.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: train (or resume); sample: sample from the EMA "
-                  "weights of the latest checkpoint.")
+# Every mode is a function (config, workdir) -> {label: value}; main prints each as "label: value".
+MODES = {
+    "train": ("ddpm_jax.train", "train_from_workdir", "train, or resume from the latest checkpoint"),
+    "sample": ("ddpm_jax.generation", "sample_from_workdir", "sample from the EMA weights of the latest checkpoint"),
+}
+flags.DEFINE_enum("mode", "train", list(MODES), "; ".join(f"{m}: {h}" for m, (_, _, h) in MODES.items()))
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -44,22 +49,12 @@ def main(argv: list[str]) -> None:
     workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
     known_errors = (config_checks.ConfigError, input_pipeline.DataError, checkpointing.CheckpointMismatchError,
                     checkpointing.WorkdirError, FileNotFoundError, FloatingPointError)
+    module, function, _ = MODES[FLAGS.mode]
     try:
-        if FLAGS.mode == "train":
-            from ddpm_jax import train
-
-            train.train_and_evaluate(FLAGS.config, workdir)
-            if jax.process_index() == 0:
-                print(f"training done; checkpoints in {os.path.join(workdir, 'checkpoints')}", flush=True)
-        else:
-            from ddpm_jax import generation
-
-            paths = generation.sample_from_workdir(FLAGS.config, workdir)
-            if paths:
-                print(f"sample grid: {paths['grid']}", flush=True)
-                print(f"samples (uint8 N,H,W,3): {paths['npz']}", flush=True)
-                if "strip" in paths:
-                    print(f"denoising strip: {paths['strip']}", flush=True)
+        outputs = getattr(importlib.import_module(module), function)(FLAGS.config, workdir)
+        if jax.process_index() == 0:
+            for label, value in outputs.items():
+                print(f"{label}: {value}", flush=True)
     except known_errors as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr, flush=True)

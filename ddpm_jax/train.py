@@ -311,3 +311,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if start_step >= t.num_train_steps:
         logging.info("the checkpoint is already at step %d >= training.num_train_steps: nothing to train", start_step)
     return state
+
+
+def train_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """`--mode=train`: trains or resumes, and returns {label: value} for the console."""
+    train_and_evaluate(config, workdir)
+    return {"checkpoints": os.path.join(os.path.abspath(workdir), "checkpoints")}
