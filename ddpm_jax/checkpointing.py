@@ -11,6 +11,16 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+
+from ddpm_jax import fileio, parallel
+
+# Orbax splits every replicated array into one slice per replica so that replicas write in parallel; for the many
+# small arrays of a UNet that is thousands of device slicing ops (10-20 s for the first save of even a tiny model).
+# Only arrays with at least 4 MiB per replica are split; smaller ones are written whole from one replica.
+ocp.type_handlers.register_type_handler(
+    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20), override=True
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -23,6 +33,16 @@ class WorkdirError(OSError):
 
 def check_workdir(workdir: str, state_bytes: int) -> None:
     """Fails early, with a clear message, if workdir is not writable or has too little space for two checkpoints."""
+    if fileio.is_remote(workdir):  # A bucket: check that we may write there; its space is not ours to measure.
+        probe = f"{workdir}/.write_probe_{uuid.uuid4().hex}"
+        try:
+            fileio.write_bytes(probe, b"\0")
+            epath.Path(probe).unlink()
+        except Exception as e:  # Credentials, a missing bucket and a missing gcsfs all surface differently.
+            raise WorkdirError(f"cannot write to --workdir={workdir} ({type(e).__name__}: {e}); check the bucket "
+                               'name and your credentials, and install the gcs extra: pip install "ddpm_jax[gcs]"'
+                               ) from e
+        return
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe_{uuid.uuid4().hex}")
@@ -57,7 +77,7 @@ class Checkpointer:
 
     def __init__(self, directory: str, keep: int = 3):
         """Opens (and creates) the checkpoint directory; it must be an absolute path for Orbax."""
-        self.directory = os.path.abspath(directory)
+        self.directory = fileio.resolve(directory)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
@@ -130,12 +150,14 @@ class Checkpointer:
                 reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 logging.warning("the checkpoint at %s/%d is damaged (%s); falling back to an older one",
                                 self.directory, step, reason[:300])
-                if set_aside_damaged and jax.process_index() == 0:
-                    target = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-                    os.rename(os.path.join(self.directory, str(step)), target)
-                    logging.warning("moved the damaged checkpoint to %s", target)
+                if set_aside_damaged:  # Every process finds the same damage; process 0 moves it.
+                    if jax.process_index() == 0:
+                        target = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+                        epath.Path(self.directory, str(step)).rename(target)
+                        logging.warning("moved the damaged checkpoint to %s", target)
                     moved = True
         if moved:
+            parallel.sync_processes("damaged checkpoints set aside")
             self._manager.reload()
         return restored
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import fileio
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -31,20 +33,16 @@ def make_strip(frames: np.ndarray, num_rows: int = 8) -> np.ndarray:
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    """Writes a uint8 (H,W,3) or (H,W,1) array as PNG, creating the parent directory; returns the path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    """Writes a uint8 (H,W,3) or (H,W,1) array as PNG (local or gs://), creating the folder; returns the path."""
     if image.shape[-1] == 1:
         image = image[..., 0]
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)  # Never leave a half-written picture under the final name.
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return fileio.write_bytes(path, buffer.getvalue())  # Never a half-written picture under the final name.
 
 
 def save_npz(path: str, samples: np.ndarray) -> str:
-    """Writes uint8 samples (N,H,W,3) to an .npz under the key 'samples'; returns the path."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez_compressed(tmp, samples=samples)
-    os.replace(tmp, path)
-    return path
+    """Writes uint8 samples (N,H,W,3) to an .npz (local or gs://) under the key 'samples'; returns the path."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, samples=samples)
+    return fileio.write_bytes(path, buffer.getvalue())

@@ -9,5 +9,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt -e .
-"$venv/bin/python" -m ruff check ddpm_jax tests configs
-exec "$venv/bin/python" -m pytest -q "$@" tests
+"$venv/bin/python" -m ruff check ddpm_jax tests configs notebooks
+exec "$venv/bin/python" -m pytest -q --durations=15 "$@" tests

@@ -1,0 +1,94 @@
+"""One process of a multi-process run on localhost, started twice by tests/test_multihost.py.
+
+python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUTDIR DATASET
+
+Each process gets 4 fake CPU devices. It (1) trains a few steps on explicit global batches, feeding only its own
+rows, and saves the resulting parameters; (2) trains through train_and_evaluate with checkpoints and samples
+from the restored checkpoint, so that saving, restoring and process-0-only writing run across processes.
+"""
+
+import os
+import pathlib
+import sys
+
+if __name__ == "__main__":  # Not when the test imports these helpers: its process keeps its 8 devices.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from conftest import tiny_config  # noqa: E402  (also sets the test compilation cache)
+
+from ddpm_jax import parallel  # noqa: E402
+
+NUM_STEPS = 3
+
+
+def explicit_batches(config, num_steps: int):
+    """The global batches of the comparison run: a pure function of the config, the same in every process."""
+    import numpy as np
+
+    size = config.data.image_size
+    return np.random.default_rng(0).integers(0, 256, (num_steps, config.training.batch_size, size, size, 3), np.uint8)
+
+
+def train_on_explicit_batches(config, batches):
+    """Trains len(batches) steps from the config's init; each process feeds its slice of every global batch."""
+    import jax
+
+    from ddpm_jax import train
+    from ddpm_jax.models import unet
+
+    mesh = parallel.make_mesh()
+    model, tx = unet.create_model(config), train.create_optimizer(config)
+    state = train.init_train_state(config, model, tx, mesh)
+    step_fn = train.make_train_step(config, model, train.create_schedule(config), tx, mesh)
+    rows = len(batches[0]) // jax.process_count()
+    losses = []
+    for i, batch in enumerate(batches):
+        mine = parallel.global_batch(mesh, batch[jax.process_index() * rows:(jax.process_index() + 1) * rows])
+        if i == 0:
+            step_fn = train.compile_train_step(step_fn, state, mine)
+        state, scalars = step_fn(state, mine)
+        losses.append(float(parallel.fetch(scalars["loss"])))
+    return state, losses
+
+
+def flat_params(params) -> dict:
+    """Parameters as {path: numpy array} for np.savez."""
+    import jax
+
+    return {jax.tree_util.keystr(k): parallel.fetch(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def main() -> None:
+    process_id, num_processes, port, outdir, dataset = sys.argv[1:6]
+    parallel.initialize_distributed(f"localhost:{port}", int(num_processes), int(process_id))
+    import jax
+    from absl import logging
+
+    logging.set_verbosity(logging.INFO)  # The test reads the progress and resume lines.
+    import numpy as np
+
+    from ddpm_jax import generation, train
+
+    assert jax.process_count() == int(num_processes) and jax.device_count() == 4 * int(num_processes)
+    outdir = pathlib.Path(outdir)
+    config = tiny_config(dataset, 8)
+
+    state, losses = train_on_explicit_batches(config, explicit_batches(config, NUM_STEPS))
+    params = flat_params(state.params)
+    if jax.process_index() == 0:
+        np.savez(outdir / "explicit.npz", losses=np.asarray(losses), **params)
+
+    workdir = outdir / "workdir"
+    config.training.num_train_steps, config.training.checkpoint_every_steps = 4, 2
+    state = train.train_and_evaluate(config, str(workdir))
+    paths = generation.sample_from_workdir(config, str(workdir))  # Restores the checkpoint cooperatively.
+    if jax.process_index() == 0:
+        np.savez(outdir / "trained.npz", **flat_params(state.ema_params))
+        (outdir / "sample_paths.txt").write_text("\n".join(paths.values()))
+    print(f"process {jax.process_index()} done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
