@@ -1,0 +1,1 @@
+"""Command-line tools that run once, outside training (weight conversion)."""
