@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 32
     data.random_flip = True
     data.tfds_data_dir = ""  # "" means TFDS's default (~/tensorflow_datasets).
+    # Names of the classes for captions, for data whose labels are bare numbers (IDX files); () keeps the data's own.
+    data.class_names = ()
 
     config.model = model = ml_collections.ConfigDict()
     model.ch = 128
@@ -28,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
     model.dropout = 0.1
     model.num_groups = 32
     model.dtype = "float32"  # Compute dtype of the UNet; parameters stay float32.
+    # 0: unconditional. K > 0: conditioned on the dataset's K class labels (sub-folder names, IDX/TFDS/parquet labels).
+    model.num_classes = 0
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.schedule = "linear"  # linear | cosine
@@ -56,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
     training.ema_decay = 0.9999
     # A non-finite loss stops training (the last checkpoint is kept); True skips such updates and counts them.
     training.skip_nonfinite_updates = False
+    # Class-conditional models: fraction of examples trained with the null label, so that one network also learns the
+    # unconditional model that classifier-free guidance needs (Ho & Salimans 2022 use 0.1 to 0.2).
+    training.label_dropout = 0.1
+    # FID/KID (see eval.inception_weights) of training.fid_num_samples EMA samples every N steps and at the end; 0: off.
+    training.fid_every_steps = 0
+    training.fid_num_samples = 5_000  # Fewer than --mode=fid's eval.fid_num_samples: compare only equal counts.
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "ddpm"  # ddpm (ancestral, all T steps) | ddim (sampling.num_steps respaced steps)
@@ -65,4 +75,47 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.batch_size = 256  # Samples per compiled call (rounded to a multiple of the device count).
     sampling.clip_denoised = True  # Clip the predicted x0 to [-1, 1] at every step.
     sampling.num_intermediates = 10  # Frames of the denoising strip (x_t as noise becomes an image); 0: none.
+    # Class-conditional models: classifier-free guidance weight w, eps = (1 + w) eps(x, c) - w eps(x, null); 0 is
+    # plain conditional sampling, larger w gives more typical, less diverse samples.
+    sampling.guidance_scale = 0.0
+    # Class-conditional models: -1 samples a per-class grid (one row per class), k >= 0 samples only class k.
+    sampling.class_label = -1
+
+    # --mode=inpaint (RePaint) and --mode=edit (SDEdit) take their reverse steps from sampling.method, num_steps, eta,
+    # clip_denoised and batch_size. Their images: a folder or image files separated by commas; "" takes the first
+    # num_images images of data.dataset. Images are resized and centre-cropped as for training.
+    config.inpaint = inpaint = ml_collections.ConfigDict()
+    inpaint.images = ""
+    inpaint.num_images = 8
+    # What to fill: center | half (a random side per image) | half_left | half_right | half_top | half_bottom | strokes,
+    # or a PNG mask (or a folder of them, one per image in name order) where white keeps and black is filled.
+    inpaint.mask = "center"
+    inpaint.jump_length = 10  # RePaint's j: how many steps the sampler goes back up before descending again.
+    inpaint.resample_count = 10  # RePaint's r: times each stretch of jump_length steps is run; 1: no going back.
+    inpaint.seed = 0  # Masks (half, strokes) and sampling noise.
+
+    config.edit = edit = ml_collections.ConfigDict()
+    edit.images = ""
+    edit.num_images = 8
+    edit.strength = 0.5  # Fraction of the T noising steps done before denoising back: 0 keeps the input, 1 ignores it.
+    # > 0: the images already carry Gaussian noise of this std (pixel values in [-1, 1]); they are denoised, and
+    # strength is not used.
+    edit.noise_sigma = 0.0
+    edit.seed = 0  # Noise.
+
+    config.eval = evaluation = ml_collections.ConfigDict()
+    # --mode=eval, bits per dimension: the variational bound of the EMA weights, all T terms for every image.
+    evaluation.split = "test"  # Held-out split of data.dataset (a folder needs a test/ subfolder).
+    evaluation.num_examples = 0  # Images of the split to evaluate; 0: all (CIFAR-10 test: 10,000, as in DDPM).
+    evaluation.batch_size = 256  # Images per compiled call (each call runs T network passes on them).
+    evaluation.variance = "fixed_large"  # p's fixed variance in the reported bound: fixed_large (beta_t) | fixed_small
+    # Clip the predicted x0 to [-1, 1] in p's mean, as DDPM's and improved-diffusion's bpd loops do (still a valid
+    # bound; without it an eps-model's last step on the cosine schedule can cost bits/dim).
+    evaluation.clip_denoised = True
+    # --mode=fid (and training.fid_every_steps): FID and KID on Inception pool3 features, as pytorch-fid. The weights
+    # are pytorch-fid's .pth converted by `python -m ddpm_jax.tools.convert_inception_weights` (README: FID and KID).
+    evaluation.inception_weights = "~/.cache/ddpm_jax/pt_inception-2015-12-05.npz"
+    evaluation.fid_cache_dir = "~/.cache/ddpm_jax/fid_stats"  # Cached training-data statistics (mu, sigma, KID set).
+    evaluation.fid_num_samples = 50_000  # FID falls as the count grows: only scores at equal counts compare.
+    evaluation.fid_batch_size = 200  # Images per Inception call (rounded up to a multiple of the device count).
     return config

@@ -43,4 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sampling.method = "ddim"
     config.sampling.num_steps = 100
     config.sampling.num_samples = 64
+
+    config.eval.num_examples = 256  # --mode=eval: T=1000 network passes per image; 256 images take minutes on a CPU.
+    config.eval.batch_size = 64
     return config

@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from ddpm_jax import losses, sampling, schedule
+from ddpm_jax import likelihood, losses, sampling, schedule
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -76,6 +76,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
                                         f"(model.ch={m.ch} times model.ch_mult); choose a divisor of {m.ch}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(m.dtype in DTYPES, f"model.dtype={m.dtype!r} is not supported; accepted: {', '.join(DTYPES)}")
+    _check_conditioning(config)
 
     _require(diff.schedule in schedule.SCHEDULES,
              f"unknown diffusion.schedule {diff.schedule!r}; accepted: {', '.join(schedule.SCHEDULES)}")
@@ -109,3 +110,60 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _require(s.eta >= 0, f"sampling.eta={s.eta} must be >= 0")
     _require(s.num_samples > 0 and s.batch_size > 0, "sampling.num_samples and sampling.batch_size must be positive")
     _require(s.num_intermediates >= 0, f"sampling.num_intermediates={s.num_intermediates} must be >= 0")
+
+    ev = config.eval  # --mode=eval: bits per dimension.
+    _require(isinstance(ev.split, str) and ev.split.strip() != "", f"eval.split={ev.split!r} must name a split")
+    _require(ev.num_examples >= 0, f"eval.num_examples={ev.num_examples} must be >= 0 (0: the whole split)")
+    _require(ev.batch_size > 0, f"eval.batch_size={ev.batch_size} must be positive")
+    _require(ev.variance in likelihood.VARIANCES,
+             f"unknown eval.variance {ev.variance!r}; accepted: {', '.join(likelihood.VARIANCES)}")
+    _check_fid(config)
+    _check_editing(config)
+
+
+def _check_editing(config: ml_collections.ConfigDict) -> None:
+    """--mode=inpaint and --mode=edit keys (mask files and images are checked when those modes read them)."""
+    inp, ed = config.inpaint, config.edit
+    for key, value in (("inpaint.num_images", inp.num_images), ("inpaint.jump_length", inp.jump_length),
+                       ("inpaint.resample_count", inp.resample_count), ("edit.num_images", ed.num_images)):
+        _require(isinstance(value, int) and value >= 1, f"{key}={value} must be a positive integer")
+    _require(str(inp.mask).strip() != "", "inpaint.mask is empty; give center, half, half_left, half_right, "
+                                          "half_top, half_bottom, strokes, or a PNG mask file or folder")
+    _require(inp.seed >= 0 and ed.seed >= 0, f"inpaint.seed={inp.seed} and edit.seed={ed.seed} must be >= 0")
+    _require(0.0 <= ed.strength <= 1.0, f"edit.strength={ed.strength} must be in [0, 1] (0 keeps the input, "
+                                        "1 starts from pure noise)")
+    _require(ed.noise_sigma >= 0, f"edit.noise_sigma={ed.noise_sigma} must be >= 0 (0: edit at edit.strength)")
+
+
+def _check_conditioning(config: ml_collections.ConfigDict) -> None:
+    """Class-conditioning keys: counts, rates and the sampled class (the dataset's classes are checked in train)."""
+    k, t, s = config.model.num_classes, config.training, config.sampling
+    _require(isinstance(k, int) and k >= 0, f"model.num_classes={k} must be 0 (unconditional) or a class count")
+    _require(0.0 <= t.label_dropout < 1.0, f"training.label_dropout={t.label_dropout} must be in [0, 1)")
+    _require(s.guidance_scale >= 0, f"sampling.guidance_scale={s.guidance_scale} must be >= 0 (0: no guidance)")
+    names = tuple(config.data.class_names)
+    _require(all(isinstance(n, str) for n in names), f"data.class_names={names} must be a tuple of strings")
+    if k == 0:
+        _require(s.guidance_scale == 0, f"sampling.guidance_scale={s.guidance_scale} needs a class-conditional model; "
+                                        "set model.num_classes to the dataset's class count, or guidance_scale=0")
+        _require(s.class_label == -1, f"sampling.class_label={s.class_label} needs a class-conditional model; set "
+                                      "model.num_classes to the dataset's class count, or class_label=-1")
+        return
+    _require(-1 <= s.class_label < k, f"sampling.class_label={s.class_label} must be -1 (one row per class) or a "
+                                      f"class in [0, {k - 1}]")
+    _require(not names or len(names) == k,
+             f"data.class_names has {len(names)} names but model.num_classes={k}; give one name per class")
+
+
+def _check_fid(config: ml_collections.ConfigDict) -> None:
+    """FID/KID keys; with periodic FID in training, the Inception weights file must exist before anything compiles."""
+    ev, t = config.eval, config.training
+    _require(t.fid_every_steps >= 0, f"training.fid_every_steps={t.fid_every_steps} must be >= 0 (0: off)")
+    for key, n in (("eval.fid_num_samples", ev.fid_num_samples), ("training.fid_num_samples", t.fid_num_samples)):
+        _require(n >= 2, f"{key}={n} must be at least 2 (a covariance needs two samples; the standard is 50000)")
+    _require(ev.fid_batch_size > 0, f"eval.fid_batch_size={ev.fid_batch_size} must be positive")
+    _require(str(ev.fid_cache_dir).strip() != "", "eval.fid_cache_dir must name a directory for reference statistics")
+    if t.fid_every_steps > 0:
+        from ddpm_jax import inception  # Here, not at the top: inception imports this module for ConfigError.
+
+        inception.check_weights_file(ev.inception_weights)

@@ -9,6 +9,10 @@ Accepted `data.dataset` forms, checked in this order:
   * a local folder: Fashion-MNIST/MNIST IDX files (`train-images-idx3-ubyte[.gz]`), else images found recursively;
   * `huggingface:OWNER/NAME`: the parquet files of a Hugging Face dataset repo (column `image`);
   * a TFDS name such as `cifar10`, `mnist` or `cifar10:3.0.2`, read from array_record files (no TensorFlow).
+
+Class labels (int32, for class-conditional training) come along when the data has them: the sub-folder names of an
+image folder whose images all sit in first-level sub-folders (sorted names -> 0..K-1), IDX label files beside IDX
+images, a TFDS `label` ClassLabel feature, or an integer or string `label` column of parquet files.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import concurrent.futures
 import functools
 import gzip
 import io
+import json
 import os
 import pathlib
 import queue
@@ -65,16 +70,30 @@ class ImageSource(Protocol):
 
 
 class ArraySource:
-    """In-memory `ImageSource` over a uint8 (N, S, S, 3) array, kept in `.images`."""
+    """In-memory `ImageSource` over a uint8 (N, S, S, 3) array, kept in `.images`.
 
-    def __init__(self, images: np.ndarray) -> None:
-        """Wraps `images` (uint8, shape (N, S, S, 3), N >= 1) without copying."""
+    `.labels` (int32 (N,) in [0, K)) and `.class_names` (K names) are None for data without class labels.
+    """
+
+    def __init__(
+        self, images: np.ndarray, labels: np.ndarray | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
+        """Wraps `images` (uint8, shape (N, S, S, 3), N >= 1) and optional labels with their K class names."""
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != images.shape[2]:
             raise ValueError(f"ArraySource needs uint8 images of shape (N, S, S, 3), got {images.dtype} {images.shape}")
         if images.shape[0] == 0:
             raise ValueError("ArraySource needs at least one image")
+        if (labels is None) != (class_names is None):
+            raise ValueError("ArraySource needs labels and class_names together, or neither")
+        if labels is not None:
+            labels = np.asarray(labels, np.int32)
+            if labels.shape != images.shape[:1] or labels.min() < 0 or labels.max() >= len(class_names):
+                raise ValueError(f"ArraySource needs one label in [0, {len(class_names)}) per image")
+            class_names = tuple(str(n) for n in class_names)
         self.images = images
+        self.labels = labels
+        self.class_names = class_names
 
     @property
     def image_size(self) -> int:
@@ -89,9 +108,16 @@ class ArraySource:
         """Gathers the images at `indices` into a new uint8 array (len(indices), S, S, 3)."""
         return np.take(self.images, np.asarray(indices), axis=0)
 
+    def get_labels(self, indices: np.ndarray) -> np.ndarray:
+        """The int32 class labels at `indices`; DataError when the data has none."""
+        if self.labels is None:
+            raise DataError("this dataset has no class labels")
+        return np.take(self.labels, np.asarray(indices), axis=0)
+
     def __repr__(self) -> str:
-        """Short description with count and size."""
-        return f"ArraySource({len(self)} images, {self.image_size}x{self.image_size})"
+        """Short description with count, size and classes."""
+        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
+        return f"ArraySource({len(self)} images, {self.image_size}x{self.image_size}{classes})"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -124,12 +150,13 @@ def create_source(
         idx_file = _find_idx_file(path, split)
         if idx_file is not None:
             images = _load_idx(idx_file, image_size, *shard)
+            labels, class_names = _load_idx_labels(idx_file, *shard)
         else:
-            images = _load_folder(
+            images, labels, class_names = _load_folder(
                 _folder_for_split(path, split), image_size, *shard, bare_name=not _looks_like_path(spec)
             )
     elif spec.startswith(HF_PREFIX):
-        images = _load_huggingface(spec[len(HF_PREFIX) :].strip(), image_size, split, *shard)
+        images, labels, class_names = _load_huggingface(spec[len(HF_PREFIX) :].strip(), image_size, split, *shard)
     elif _looks_like_path(spec):
         if path.exists():
             raise DataError(
@@ -137,10 +164,10 @@ def create_source(
             )
         raise DataError(f"data.dataset: folder {spec} does not exist; use {_ACCEPTED_FORMS}")
     else:
-        images = _load_tfds(spec, image_size, split, tfds_data_dir, *shard)
+        images, labels, class_names = _load_tfds(spec, image_size, split, tfds_data_dir, *shard)
 
     logging.info(
-        "data: %s (split %s, host %d of %d): %d images at %dx%d in %.1f s",
+        "data: %s (split %s, host %d of %d): %d images at %dx%d in %.1f s%s",
         spec,
         split,
         process_index,
@@ -149,8 +176,9 @@ def create_source(
         image_size,
         image_size,
         time.perf_counter() - start,
+        f", {len(class_names)} classes" if class_names is not None else "",
     )
-    return ArraySource(images)
+    return ArraySource(images, labels, class_names)
 
 
 def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
@@ -184,9 +212,12 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
 
 
 def train_batches(
-    source: ImageSource, *, batch_size: int, seed: int, start_step: int, prefetch: int = 2
-) -> Iterator[np.ndarray]:
-    """Yields this host's uint8 batches for steps start_step, start_step + 1, ... forever, built ahead in a thread."""
+    source: ImageSource, *, batch_size: int, seed: int, start_step: int, prefetch: int = 2, with_labels: bool = False
+) -> Iterator[np.ndarray] | Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields this host's uint8 batches for steps start_step, start_step + 1, ... forever, built ahead in a thread.
+
+    With `with_labels`, each item is (images, int32 labels) of the same examples (the source must have labels).
+    """
     if batch_size < 1 or prefetch < 1 or start_step < 0:
         raise ValueError(
             f"need batch_size >= 1, prefetch >= 1, start_step >= 0; got {batch_size}, {prefetch}, {start_step}"
@@ -194,7 +225,9 @@ def train_batches(
     num_examples = len(source)
     if num_examples < 1:
         raise DataError("the data source is empty")
-    return _prefetching_batches(source, batch_size, seed, start_step, prefetch, num_examples)
+    if with_labels and getattr(source, "labels", None) is None:
+        raise DataError("the data source has no class labels")
+    return _prefetching_batches(source, batch_size, seed, start_step, prefetch, num_examples, with_labels)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,13 +243,14 @@ def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
 
 
 def _prefetching_batches(
-    source: ImageSource, batch_size: int, seed: int, start_step: int, prefetch: int, num_examples: int
-) -> Iterator[np.ndarray]:
+    source: ImageSource, batch_size: int, seed: int, start_step: int, prefetch: int, num_examples: int,
+    with_labels: bool = False,
+) -> Iterator[Any]:
     """Generator behind `train_batches`: a daemon producer thread fills a bounded queue until stopped."""
-    q: queue.Queue[tuple[np.ndarray | None, BaseException | None]] = queue.Queue(maxsize=prefetch)
+    q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
 
-    def put(item: tuple[np.ndarray | None, BaseException | None]) -> bool:
+    def put(item: tuple[Any, BaseException | None]) -> bool:
         # Poll so that a producer blocked on a full queue notices a closed consumer.
         while not stop.is_set():
             try:
@@ -230,7 +264,10 @@ def _prefetching_batches(
         step = start_step
         try:
             while not stop.is_set():
-                batch = source.get_batch(batch_indices(step, batch_size, num_examples, seed))
+                indices = batch_indices(step, batch_size, num_examples, seed)
+                batch = source.get_batch(indices)
+                if with_labels:
+                    batch = (batch, source.get_labels(indices))
                 if not put((batch, None)):
                     return
                 step += 1
@@ -317,8 +354,11 @@ def _image_from_bytes(data: bytes, image_size: int) -> np.ndarray:
 
 def _decode_parallel(
     items: Iterable[tuple[str, Any]], count: int, decode: Callable[[Any], np.ndarray], image_size: int
-) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Decodes (name, payload) items in a thread pool (PIL releases the GIL); returns the images and the failures."""
+) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray]:
+    """Decodes (name, payload) items in a thread pool (PIL releases the GIL).
+
+    Returns the images, the failures, and the positions of the decoded items (to keep their labels aligned).
+    """
     out = np.empty((count, image_size, image_size, 3), np.uint8)
     ok = np.zeros(count, bool)
     failures: list[tuple[str, str]] = []
@@ -344,7 +384,7 @@ def _decode_parallel(
             i += len(chunk)
     if i != count:
         raise AssertionError(f"expected {count} items, got {i}")
-    return (out if ok.all() else out[ok]), failures
+    return (out if ok.all() else out[ok]), failures, np.flatnonzero(ok)
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -472,6 +512,33 @@ def _load_idx(path: pathlib.Path, image_size: int, process_index: int, process_c
     return np.repeat(gray[..., None], 3, axis=3)
 
 
+def _load_idx_labels(
+    images_file: pathlib.Path, process_index: int, process_count: int
+) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
+    """Labels from the IDX label file beside `images_file` (train-labels-idx1-ubyte[.gz]); (None, None) if absent."""
+    name = images_file.name.replace("images", "labels").replace("idx3", "idx1")
+    candidates = [images_file.with_name(name)]
+    candidates.append(images_file.with_name(name[:-3] if name.endswith(".gz") else name + ".gz"))
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        return None, None
+    labels = _read_idx(path)
+    count = _read_idx_count(images_file)
+    if labels.ndim != 1 or len(labels) != count:
+        raise DataError(f"{path}: expected {count} labels for the {count} images of {images_file.name}, "
+                        f"got an IDX array of shape {labels.shape}")
+    # K from the whole file, so that every host agrees on it.
+    class_names = tuple(str(k) for k in range(int(labels.max()) + 1))
+    return labels[_host_share(len(labels), process_index, process_count, str(path))].astype(np.int32), class_names
+
+
+def _read_idx_count(path: pathlib.Path) -> int:
+    """The first dimension (number of items) in an IDX file's header, without reading the data."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        return int(np.frombuffer(f.read(8), dtype=">u4")[1])
+
+
 def _folder_for_split(root: pathlib.Path, split: str) -> pathlib.Path:
     """`root/split` if it exists (train/ and test/ layouts), else `root` itself for the train split."""
     if (root / split).is_dir():
@@ -502,19 +569,31 @@ def _list_image_files(root: pathlib.Path) -> list[pathlib.Path]:
 
 def _load_folder(
     root: pathlib.Path, image_size: int, process_index: int, process_count: int, *, bare_name: bool = False
-) -> np.ndarray:
-    """Every readable image under `root` -> uint8 (N, S, S, 3); unreadable files are skipped with one warning."""
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """Every readable image under `root` -> uint8 (N, S, S, 3); unreadable files are skipped with one warning.
+
+    When every image sits in a first-level sub-folder, the sorted sub-folder names are the classes 0..K-1 and their
+    labels come along; otherwise labels and class names are None.
+    """
     paths = _list_image_files(root)
     if not paths:
         hint = f" (to use the TFDS dataset {root.name!r}, run from another directory)" if bare_name else ""
         exts = "/".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
         raise DataError(f"data.dataset: folder {root} contains no image files ({exts}){hint}")
-    mine = [paths[i] for i in _host_share(len(paths), process_index, process_count, f"folder {root}")]
-    images, failures = _decode_parallel(
+    share = _host_share(len(paths), process_index, process_count, f"folder {root}")
+    mine = [paths[i] for i in share]
+    images, failures, kept = _decode_parallel(
         ((str(p), p) for p in mine), len(mine), lambda p: load_image(p, image_size), image_size
     )
     _report_failures(str(root), len(mine), failures)
-    return images
+    # Class names from every file (not this host's share), so that every host numbers the classes alike.
+    folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
+    if None in folders:
+        return images, None, None
+    class_names = tuple(sorted(set(folders)))
+    ids = {name: k for k, name in enumerate(class_names)}
+    labels = np.array([ids[folders[i]] for i in share], np.int32)[kept]
+    return images, labels, class_names
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -605,8 +684,10 @@ def _select_split_files(files: list[pathlib.Path], root: pathlib.Path, split: st
     raise DataError(f"data.split: {name} has no parquet files for split {split!r} (files: {listing})")
 
 
-def _load_huggingface(repo_id: str, image_size: int, split: str, process_index: int, process_count: int) -> np.ndarray:
-    """Images of a Hugging Face dataset repo (parquet, column `image`) -> uint8 (N, S, S, 3)."""
+def _load_huggingface(
+    repo_id: str, image_size: int, split: str, process_index: int, process_count: int
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """Images (uint8 (N, S, S, 3)) and labels, if any, of a Hugging Face dataset repo (parquet, column `image`)."""
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
         raise DataError(f"data.dataset: {HF_PREFIX}{repo_id!r} is not of the form {HF_PREFIX}OWNER/NAME")
     root = _hf_download(repo_id)
@@ -614,7 +695,7 @@ def _load_huggingface(repo_id: str, image_size: int, split: str, process_index: 
     if not files:
         raise DataError(f"{HF_PREFIX}{repo_id} has no parquet files; {_LOCAL_FOLDER_HINT}")
     files = _select_split_files(files, root, split, f"{HF_PREFIX}{repo_id}")
-    return _read_parquet_images(files, image_size, process_index=process_index, process_count=process_count)
+    return _read_parquet(files, image_size, process_index=process_index, process_count=process_count)
 
 
 def _decode_hf_image(value: Any, image_size: int) -> np.ndarray:
@@ -636,6 +717,41 @@ def _read_parquet_images(
     files: Sequence[str | os.PathLike], image_size: int, *, process_index: int = 0, process_count: int = 1
 ) -> np.ndarray:
     """Decodes the `image` column of parquet files (rows numbered across files in order) -> uint8 (N, S, S, 3)."""
+    return _read_parquet(files, image_size, process_index=process_index, process_count=process_count)[0]
+
+
+def _read_parquet_labels(files: Sequence[pathlib.Path]) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
+    """All rows' class ids and the class names from a `label` column, or (None, None) when there is no usable one.
+
+    Names come from the Hugging Face ClassLabel metadata when present; string labels are numbered in sorted order;
+    plain integers are named by their value. Rows with a missing or negative label (unlabelled) disable labels.
+    """
+    import pyarrow.parquet as pq  # lazy: only the Hugging Face route needs it
+
+    if not all("label" in pq.read_schema(f).names for f in files):
+        return None, None
+    column = [v for f in files for v in pq.read_table(f, columns=["label"]).column("label").to_pylist()]
+    features = json.loads((pq.read_schema(files[0]).metadata or {}).get(b"huggingface", b"{}"))
+    names = features.get("info", {}).get("features", {}).get("label", {}).get("names")
+    if any(v is None for v in column):
+        logging.info("parquet column 'label' has missing values: no class labels")
+        return None, None
+    if all(isinstance(v, str) for v in column):
+        class_names, labels = np.unique(np.array(column), return_inverse=True)
+        return labels.astype(np.int32), tuple(str(n) for n in class_names)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in column) or min(column) < 0:
+        logging.info("parquet column 'label' is not made of class ids >= 0: no class labels")
+        return None, None
+    labels = np.array(column, np.int64)
+    if names and int(labels.max()) < len(names):
+        return labels.astype(np.int32), tuple(str(n) for n in names)
+    return labels.astype(np.int32), tuple(str(k) for k in range(int(labels.max()) + 1))
+
+
+def _read_parquet(
+    files: Sequence[str | os.PathLike], image_size: int, *, process_index: int = 0, process_count: int = 1
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """This host's decoded images of the `image` column, with their labels and the class names when there are any."""
     import pyarrow as pa  # lazy: only the Hugging Face route needs it
     import pyarrow.parquet as pq
 
@@ -663,9 +779,14 @@ def _read_parquet_images(
                 row += n
                 in_file += n
 
-    images, failures = _decode_parallel(rows(), len(mine), lambda v: _decode_hf_image(v, image_size), image_size)
+    images, failures, kept = _decode_parallel(
+        rows(), len(mine), lambda v: _decode_hf_image(v, image_size), image_size
+    )
     _report_failures(str(files[0].parent), len(mine), failures, kind="parquet rows")
-    return images
+    labels, class_names = _read_parquet_labels(files)  # every row: hosts must agree on the classes
+    if labels is not None:
+        labels = labels[np.asarray(mine)][kept]
+    return images, labels, class_names
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -674,8 +795,11 @@ def _read_parquet_images(
 
 def _load_tfds(
     name: str, image_size: int, split: str, data_dir: str | None, process_index: int, process_count: int
-) -> np.ndarray:
-    """Images of a TFDS dataset -> uint8 (N, S, S, 3), preparing it as array_record first if needed and possible."""
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """Images (uint8 (N, S, S, 3)) and `label` ClassLabels, if any, of a TFDS dataset.
+
+    The dataset is prepared as array_record first if needed and possible.
+    """
     import tensorflow_datasets as tfds  # lazy: ~1 s import, only this route needs it
 
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
@@ -722,12 +846,17 @@ def _load_tfds(
         ) from e
 
     mine = _host_share(len(source), process_index, process_count, f"TFDS {name} split {split}")
+    class_label = features["label"] if "label" in features else None
+    has_labels = isinstance(class_label, tfds.features.ClassLabel) and class_label.num_classes
+    raw_labels: list[int] = []
 
     def records() -> Iterator[tuple[str, Any]]:
         for chunk in _chunks(mine, _CHUNK):
             # Batched array_record reads where the source supports them.
             examples = source.__getitems__(chunk) if hasattr(source, "__getitems__") else [source[i] for i in chunk]
             for i, example in zip(chunk, examples, strict=True):
+                if has_labels:
+                    raw_labels.append(int(example["label"]))
                 yield f"{name}[{split}][{i}]", example["image"]
 
     def decode(value: Any) -> np.ndarray:
@@ -735,9 +864,11 @@ def _load_tfds(
             return _image_from_bytes(value, image_size)
         return _array_to_square_rgb(np.asarray(value), image_size)
 
-    images, failures = _decode_parallel(records(), len(mine), decode, image_size)
+    images, failures, kept = _decode_parallel(records(), len(mine), decode, image_size)
     _report_failures(f"TFDS {name} split {split}", len(mine), failures, kind="examples")
-    return images
+    if not has_labels:
+        return images, None, None
+    return images, np.array(raw_labels, np.int32)[kept], tuple(class_label.names)
 
 
 def _array_to_square_rgb(array: np.ndarray, image_size: int) -> np.ndarray:

@@ -20,8 +20,18 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and sam
 MODES = {
     "train": ("ddpm_jax.train", "train_from_workdir", "train, or resume from the latest checkpoint"),
     "sample": ("ddpm_jax.generation", "sample_from_workdir", "sample from the EMA weights of the latest checkpoint"),
+    "eval": ("ddpm_jax.evaluation", "evaluate_from_workdir", "bits/dim of the EMA weights on eval.split"),
+    "fid": ("ddpm_jax.fid", "fid_from_workdir", "FID and KID of eval.fid_num_samples EMA samples vs the training data"),
+    "inpaint": ("ddpm_jax.editing", "inpaint_from_workdir", "fill the inpaint.mask region of images (RePaint)"),
+    "edit": ("ddpm_jax.editing", "edit_from_workdir", "SDEdit images at edit.strength, or denoise edit.noise_sigma"),
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "; ".join(f"{m}: {h}" for m, (_, _, h) in MODES.items()))
+flags.DEFINE_bool("distributed", False, "Join a multi-process run (one process per host). Without "
+                  "--coordinator_address the cluster is auto-detected (TPU VMs, SLURM).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 for a multi-process run outside TPU VMs "
+                    "(with --num_processes and --process_id; implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run (one per host).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, --num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,12 +51,19 @@ def main(argv: list[str]) -> None:
     # Imported here so that --help answers at once and flags are parsed before JAX starts.
     import jax
 
-    from ddpm_jax import checkpointing, config_checks, input_pipeline
+    from ddpm_jax import checkpointing, config_checks, fileio, input_pipeline, parallel
+
+    if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
+        try:
+            parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     cache_dir = os.environ.get("DDPM_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/ddpm_jax/jax"))
     if cache_dir:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-    workdir = os.path.abspath(os.path.expanduser(FLAGS.workdir))
+    workdir = fileio.resolve(FLAGS.workdir)  # Absolute for Orbax; gs:// URLs stay as they are.
     known_errors = (config_checks.ConfigError, input_pipeline.DataError, checkpointing.CheckpointMismatchError,
                     checkpointing.WorkdirError, FileNotFoundError, FloatingPointError)
     module, function, _ = MODES[FLAGS.mode]

@@ -1,7 +1,8 @@
-"""Metric writing at the edge: TensorBoard event files (process 0 only) and a console progress line with ETA."""
+"""Metric writing at the edge: TensorBoard events and a JSON-lines scalar log (process 0), a console line with ETA."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
@@ -9,24 +10,70 @@ import jax
 import numpy as np
 from absl import logging
 
+from ddpm_jax import fileio
+
+SCALARS_FILE = "metrics.jsonl"
+
+
+class _JsonLines:
+    """Appends lines to a local file, flushing each; in a bucket, where objects cannot grow, rewrites it whole."""
+
+    def __init__(self, path: str):
+        """Opens a local file for appending, or reads what a bucket object already holds."""
+        self._path, self._file, self._lines = path, None, []
+        if fileio.is_remote(path):
+            self._lines = fileio.read_text(path).splitlines(keepends=True) if fileio.exists(path) else []
+            return
+        self._file = open(path, "a")  # Appends: a resumed run continues the same file.
+        if self._file.tell():
+            with open(path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    self._file.write("\n")  # End a line a crash cut short, so the next record starts clean.
+
+    def append(self, line: str) -> None:
+        """Adds one line (with its newline) so that it is on storage when this returns."""
+        if self._file:
+            self._file.write(line)
+            self._file.flush()  # Each line reaches disk (or Drive) before the next step: a crash keeps it.
+        else:
+            self._lines.append(line)
+            fileio.write_text(self._path, "".join(self._lines))
+
+    def close(self) -> None:
+        """Closes the local file; a bucket object is already complete."""
+        if self._file:
+            self._file.close()
+            self._file = None
+
 
 class MetricWriter:
-    """Writes scalars and images to TensorBoard files under `logdir` on process 0; a no-op on other processes."""
+    """Writes scalars and images to TensorBoard files under `logdir` on process 0; a no-op on other processes.
 
-    def __init__(self, logdir: str):
-        """Opens the event file writer (tensorboardX, which needs no TensorFlow)."""
+    With `scalars_path`, each write_scalars call also appends one JSON object {"step": N, name: value, ...} there.
+    """
+
+    def __init__(self, logdir: str, scalars_path: str | None = None):
+        """Opens the event file writer (tensorboardX, which needs no TensorFlow) and the JSON-lines file."""
         self._writer = None
+        self._scalars_file = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
-            os.makedirs(logdir, exist_ok=True)
+            if not fileio.is_remote(logdir):  # tensorboardX writes gs:// itself (google-cloud-storage, gcs extra).
+                os.makedirs(logdir, exist_ok=True)
             self._writer = SummaryWriter(logdir)
+            if scalars_path:
+                self._scalars_file = _JsonLines(scalars_path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """Adds one value per name at `step`."""
         if self._writer:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, float(value), step)
+        if self._scalars_file:
+            record = {"step": int(step), **{name: float(value) for name, value in scalars.items()}}
+            self._scalars_file.append(json.dumps(record) + "\n")
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """Adds a uint8 (H,W,C) image at `step`."""
@@ -39,10 +86,43 @@ class MetricWriter:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flushes and closes the event file."""
+        """Flushes and closes the event file and the JSON-lines file."""
         if self._writer:
             self._writer.close()
             self._writer = None
+        if self._scalars_file:
+            self._scalars_file.close()
+            self._scalars_file = None
+
+
+def read_scalars(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{name: (steps, values)} from the workdir's metrics.jsonl, as the latest run of each step wrote them.
+
+    Records of one step (the loss, then an FID) are merged. A resumed run logs again from its checkpoint on: a step
+    before one already read drops the records after it, so the result follows the run that the checkpoints continue,
+    and its values replace the earlier run's at the same step. A torn last line is skipped.
+    """
+    path = os.path.join(workdir, SCALARS_FILE)
+    if not fileio.exists(path):
+        raise FileNotFoundError(f"no {SCALARS_FILE} in {workdir}: train first (it is written every log step)")
+    records: list[dict[str, float]] = []
+    for line in fileio.read_text(path).splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # A line cut short by a crash or a lost connection.
+            continue
+        while records and records[-1]["step"] > record["step"]:
+            records.pop()
+        if records and records[-1]["step"] == record["step"]:
+            records[-1].update(record)
+        else:
+            records.append(record)
+    names = sorted({k for r in records for k in r} - {"step"})
+    series = {}
+    for name in names:
+        points = [(r["step"], r[name]) for r in records if name in r]
+        series[name] = (np.array([p[0] for p in points], np.int64), np.array([p[1] for p in points], np.float64))
+    return series
 
 
 def format_duration(seconds: float) -> str:

@@ -20,7 +20,10 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import (
     checkpointing,
+    conditioning,
     config_checks,
+    fid,
+    fileio,
     generation,
     images,
     input_pipeline,
@@ -127,10 +130,14 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer step on this device's share of the batch (uint8 images); gradients are averaged over devices.
 
-    Randomness is a pure function of (seed, step, global example index) for noise, timesteps and flips, so a step
-    gives the same update on any number of devices; dropout keys also depend on the device index.
+    Randomness is a pure function of (seed, step, global example index) for noise, timesteps, flips and label
+    dropout, so a step gives the same update on any number of devices; dropout keys also depend on the device index.
+    For class-conditional models (model.num_classes > 0) the batch is (uint8 images, int32 labels).
     """
     device = jax.lax.axis_index(axis_name)
+    labels = None
+    if config.model.num_classes > 0:
+        batch, labels = batch
     local_batch = batch.shape[0]
     step_rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), state.step)
     example_ids = device * local_batch + jnp.arange(local_batch)
@@ -143,10 +150,13 @@ def train_step(
         flip = jax.vmap(jax.random.bernoulli)(flip_keys)
         x0 = jnp.where(flip[:, None, None, None], x0[:, :, ::-1, :], x0)
     noise, t = losses.sample_noise_and_timesteps(diffusion_keys, x0.shape[1:], sched.num_timesteps)
+    if labels is not None:  # The null label for some examples: the unconditional model that guidance needs.
+        labels = conditioning.drop_labels(jax.random.fold_in(step_rng, 2), example_ids, labels,
+                                          config.training.label_dropout, config.model.num_classes)
 
     def loss_fn(params: Any) -> jnp.ndarray:
         def apply(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-            return model.apply({"params": params}, x, t, train=True, rngs={"dropout": dropout_rng})
+            return model.apply({"params": params}, x, t, labels=labels, train=True, rngs={"dropout": dropout_rng})
 
         local_loss = losses.diffusion_loss(apply, sched, x0, t, noise, config.diffusion.prediction)
         # Every device holds the same number of examples, so the mean of per-device means is the global mean.
@@ -185,6 +195,19 @@ def make_train_step(
     return jax.jit(sharded, donate_argnums=(0,))
 
 
+def compile_train_step(step_fn: Callable, state: TrainState, batch: jax.Array) -> Callable:
+    """Compiles the step ahead of its first call, logs how long that took, then lines up all processes.
+
+    Hosts finish compiling at different times (one may hit the compilation cache); CPU collectives give up if a peer
+    is 30 s late to the first all-reduce, so no process runs the step before all have compiled it.
+    """
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    logging.info("traced and compiled the train step in %.1f s", time.perf_counter() - start)
+    parallel.sync_processes("train step compiled")
+    return compiled
+
+
 def _resume_or_init(
     config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh, ckpt: checkpointing.Checkpointer, abstract: TrainState,
@@ -215,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     SIGTERM or SIGINT saves a checkpoint at the end of the current step and returns; running again resumes.
     """
-    workdir = os.path.abspath(workdir)
+    workdir = fileio.resolve(workdir)
     mesh = parallel.make_mesh()
     config_checks.validate(config, num_devices=mesh.size, process_count=jax.process_count())
     t = config.training
@@ -230,33 +253,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     logging.info("dataset %s: %d images of %dx%d on this host", config.data.dataset, len(source),
                  config.data.image_size, config.data.image_size)
+    class_names = conditioning.dataset_class_names(config, source)  # None for unconditional models
+    grid_labels = conditioning.grid_labels(config)
 
     sched = create_schedule(config)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     state = _resume_or_init(config, model, tx, mesh, ckpt, abstract)
-    start_step = int(state.step)
+    start_step = int(parallel.fetch(state.step))
     last_saved = start_step if start_step > 0 else None
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("UNet with %.2f M parameters on %d devices (%s)", num_params / 1e6, mesh.size,
                  jax.devices()[0].platform)
 
     train_step_fn = make_train_step(config, model, sched, tx, mesh)
+    compiled_step = None
     sampler = generation.make_sampler(config, model, sched, mesh)
-    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"), os.path.join(workdir, metrics.SCALARS_FILE))
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        if class_names is not None:
+            conditioning.save_class_names(workdir, class_names)
 
     batches = input_pipeline.train_batches(
-        source, batch_size=t.batch_size // jax.process_count(), seed=config.seed, start_step=start_step
+        source, batch_size=t.batch_size // jax.process_count(), seed=config.seed, start_step=start_step,
+        with_labels=config.model.num_classes > 0,
     )
     pending: list[dict[str, jax.Array]] = []
     window_start, window_steps = time.perf_counter(), 0
     try:
         with preemption.StopRequest() as stop:
             for step in range(start_step + 1, t.num_train_steps + 1):
-                batch = parallel.global_batch(mesh, next(batches))
-                state, scalars = train_step_fn(state, batch)
+                batch = jax.tree.map(functools.partial(parallel.global_batch, mesh), next(batches))  # images[, labels]
+                if compiled_step is None:
+                    compiled_step = compile_train_step(train_step_fn, state, batch)
+                state, scalars = compiled_step(state, batch)
                 pending.append(scalars)
                 window_steps += 1
                 if step == start_step + 1:  # Leave compilation out of the throughput figures.
@@ -264,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     window_start, window_steps = time.perf_counter(), 0
                 stopping = stop.requested or ckpt.reached_preemption(step)
                 if step % t.log_every_steps == 0 or step == t.num_train_steps:
-                    window = {k: np.array([jax.device_get(s[k]) for s in pending]) for k in pending[0]}
+                    window = {k: np.array([parallel.fetch(s[k]) for s in pending]) for k in pending[0]}
                     summary = {k: float(np.mean(v)) for k, v in window.items()}
                     if t.skip_nonfinite_updates:
                         finite = np.isfinite(window["loss"])
@@ -282,7 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     writer.write_scalars(step, summary)
                     pending, window_start, window_steps = [], time.perf_counter(), 0
                 if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps or stopping:
-                    loss = float(scalars["loss"])
+                    loss = float(parallel.fetch(scalars["loss"]))
                     if not t.skip_nonfinite_updates and not np.isfinite(loss):
                         _raise_nonfinite(loss, step, last_saved)  # Never save a state that a non-finite step made.
                     ckpt.save(step, state, config.to_dict())
@@ -295,15 +325,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if t.sample_every_steps and (step % t.sample_every_steps == 0 or step == t.num_train_steps):
                     samples, frames = generation.generate(
                         sampler, state.ema_params, jax.random.PRNGKey(config.seed + 1),
-                        config.sampling.num_samples, config.sampling.batch_size, mesh.size,
+                        config.sampling.num_samples if grid_labels is None else len(grid_labels),
+                        config.sampling.batch_size, mesh.size, labels=grid_labels,
                     )
                     if jax.process_index() == 0:
                         paths = generation.write_samples(
-                            os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames
+                            os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames,
+                            labels=grid_labels, class_names=class_names, guidance_scale=config.sampling.guidance_scale,
                         )
-                        writer.write_image(step, "samples", images.make_grid(samples))
+                        writer.write_image(step, "samples",
+                                           images.make_grid(samples, ncols=conditioning.grid_columns(grid_labels)))
                         logging.info("step %d: wrote sample grid %s", step, paths["grid"])
                     window_start, window_steps = time.perf_counter(), 0  # Sampling is not training time.
+                if t.fid_every_steps and (step % t.fid_every_steps == 0 or step == t.num_train_steps):
+                    fid.evaluate_during_training(config, workdir, mesh, sampler, state.ema_params, step, writer)
+                    window_start, window_steps = time.perf_counter(), 0  # FID is not training time either.
     finally:
         batches.close()
         ckpt.close()
@@ -316,4 +352,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 def train_from_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """`--mode=train`: trains or resumes, and returns {label: value} for the console."""
     train_and_evaluate(config, workdir)
-    return {"checkpoints": os.path.join(os.path.abspath(workdir), "checkpoints")}
+    return {"checkpoints": os.path.join(fileio.resolve(workdir), "checkpoints")}

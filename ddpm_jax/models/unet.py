@@ -87,7 +87,9 @@ class UNet(nn.Module):
 
     ch: base channel count; ch_mult: multiplier per resolution level (each level after the first halves H and W);
     num_res_blocks: ResNet blocks per level on the way down (one more on the way up); attn_resolutions: spatial
-    sizes (e.g. 16 for 16x16) at which a self-attention block follows each ResNet block.
+    sizes (e.g. 16 for 16x16) at which a self-attention block follows each ResNet block. num_classes > 0 adds a
+    learned class embedding (num_classes + 1 rows; the last is the null label of classifier-free guidance) to the
+    time embedding; 0 is unconditional, with exactly the parameters of a UNet without it.
     """
 
     ch: int = 128
@@ -98,10 +100,17 @@ class UNet(nn.Module):
     num_groups: int = 32
     out_ch: int | None = None
     dtype: Dtype = jnp.float32
+    num_classes: int = 0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        """Predicts the network target (eps, x0 or v) for noisy images x at timesteps t."""
+    def __call__(
+        self, x: jnp.ndarray, t: jnp.ndarray, train: bool = False, *, labels: jnp.ndarray | None = None
+    ) -> jnp.ndarray:
+        """Predicts the network target (eps, x0 or v) for noisy images x at timesteps t.
+
+        labels: int32 (B,) class ids in [0, num_classes], num_classes being the null label; None means the null label
+        for every example (an unconditional prediction of a class-conditional model). Only for num_classes > 0.
+        """
         out_ch = self.out_ch or x.shape[-1]
         block = {"dropout": self.dropout, "num_groups": self.num_groups, "dtype": self.dtype}
         temb = timestep_embedding(t, self.ch)
@@ -109,6 +118,13 @@ class UNet(nn.Module):
         temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=_default_init, name="temb_dense1")(
             nn.swish(temb)
         )
+        if self.num_classes > 0:
+            if labels is None:
+                labels = jnp.full(t.shape, self.num_classes, jnp.int32)
+            # Added to the time embedding, which reaches every ResNet block (as in ADM, Dhariwal & Nichol 2021).
+            temb = temb + nn.Embed(self.num_classes + 1, self.ch * 4, dtype=self.dtype, name="label_embed")(labels)
+        elif labels is not None:
+            raise ValueError("labels were given to an unconditional UNet (num_classes=0)")
 
         h = nn.Conv(self.ch, (3, 3), dtype=self.dtype, kernel_init=_default_init, name="conv_in")(
             x.astype(self.dtype)
@@ -160,4 +176,5 @@ def create_model(config: Any) -> UNet:
         dropout=m.dropout,
         num_groups=m.num_groups,
         dtype=jnp.dtype(m.dtype),
+        num_classes=m.num_classes,
     )
