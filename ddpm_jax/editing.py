@@ -128,18 +128,6 @@ def noisy_to_x_t(sched: sch.Schedule, y: jnp.ndarray, t: int, sigma: float, nois
     return jnp.sqrt(abar) * (y + top_up * noise)
 
 
-def _x0_and_eps(
-    sched: sch.Schedule, denoise_fn: DenoiseFn, x: jnp.ndarray, t: jnp.ndarray, prediction: str, clip: bool
-) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """The model's (x0, eps) at x_t, with x0 clipped to [-1, 1] and eps made consistent with it if asked."""
-    tb = jnp.full((x.shape[0],), t, jnp.int32)
-    x0, eps = sch.model_to_x0_eps(sched, x, tb, denoise_fn(x, tb), prediction)
-    if clip:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = sch.predict_eps_from_x0(sched, x, tb, x0)
-    return x0, eps
-
-
 def _abar(sched: sch.Schedule, t: jnp.ndarray) -> jnp.ndarray:
     """abar_t, with abar_{-1} = 1 for the clean image."""
     return jnp.where(t >= 0, sched.alphas_cumprod[jnp.maximum(t, 0)], 1.0)
@@ -178,7 +166,7 @@ def walk(
     def down(x: jnp.ndarray, t: jnp.ndarray, t_next: jnp.ndarray, rng: jax.Array) -> jnp.ndarray:
         step_rng, known_rng = jax.random.split(rng)
         noise = constrain(jax.random.normal(step_rng, x.shape, x.dtype))
-        x0, eps = _x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
+        x0, eps = sampling.predict_x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
         if method == "ddpm":
             mean, _, log_var = sch.q_posterior(sched, x0, x, jnp.full((batch,), t, jnp.int32))
             x = mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise

@@ -39,7 +39,7 @@ def frame_slots(num_steps: int, num_frames: int) -> tuple[np.ndarray, np.ndarray
     return slots, record
 
 
-def _x0_and_eps(
+def predict_x0_and_eps(
     sched: sch.Schedule, denoise_fn: DenoiseFn, x: jnp.ndarray, t: jnp.ndarray, prediction: str, clip: bool
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Runs the network and returns (x0, eps), with x0 clipped to [-1, 1] and eps made consistent with it if asked."""
@@ -86,12 +86,12 @@ def sample(
     frames = jnp.zeros((int(record.sum()), *shape), x.dtype)
 
     def ddpm_update(x: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
-        x0, _ = _x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
+        x0, _ = predict_x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
         mean, _, log_var = sch.q_posterior(sched, x0, x, jnp.full((shape[0],), t, jnp.int32))
         return mean + jnp.where(t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
 
     def ddim_update(x: jnp.ndarray, t: jnp.ndarray, t_prev: jnp.ndarray, noise: jnp.ndarray) -> jnp.ndarray:
-        x0, eps = _x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
+        x0, eps = predict_x0_and_eps(sched, denoise_fn, x, t, prediction, clip_denoised)
         abar = sched.alphas_cumprod[t]
         abar_prev = jnp.where(t_prev >= 0, sched.alphas_cumprod[jnp.maximum(t_prev, 0)], 1.0)
         sigma = eta * jnp.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
