@@ -56,14 +56,8 @@ Examples:
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-need_value() {
-  [ "$#" -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 # An absolute path for a path given relative to the caller's directory; gs:// and other URLs stay as they are.
 absolute() {

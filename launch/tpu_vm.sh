@@ -63,33 +63,11 @@ Example (a Spot v4-8 training the butterflies into a bucket, recreated after eve
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 note() {
   echo "[$(date +%H:%M:%S)] $*" >&2
-}
-
-# Prints a command as one shell-quoted line.
-show() {
-  local line
-  line=$(printf '%q ' "$@")
-  echo "${line% }"
-}
-
-# Runs a command, or only prints it under --dry-run.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    show "$@"
-  else
-    "$@"
-  fi
-}
-
-need_value() {
-  [ "$#" -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"
 }
 
 is_true() {

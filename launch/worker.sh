@@ -47,30 +47,8 @@ Example:
 EOF
 }
 
-die() {
-  echo "error: $*" >&2
-  exit 2
-}
-
-# Prints a command as one shell-quoted line.
-show() {
-  local line
-  line=$(printf '%q ' "$@")
-  echo "${line% }"
-}
-
-# Runs a command, or only prints it under --dry-run.
-run() {
-  if [ "$dry_run" = 1 ]; then
-    show "$@"
-  else
-    "$@"
-  fi
-}
-
-need_value() {
-  [ "$#" -ge 2 ] && [ -n "$2" ] || die "$1 needs a value (see --help)"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 command="${1:-}"

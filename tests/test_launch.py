@@ -189,7 +189,8 @@ def test_tpu_remote_commands_run_on_a_worker(env, tmp_path):
     home = Path(env["HOME"])
     assert run_remote(env, WORKER_STATUS) == "not-installed"
     (home / "ddpm_jax" / "launch").mkdir(parents=True)
-    shutil.copy(LAUNCH / "worker.sh", home / "ddpm_jax" / "launch")
+    for script in ("worker.sh", "common.sh"):  # What `install` puts on a worker: the launch folder.
+        shutil.copy(LAUNCH / script, home / "ddpm_jax" / "launch")
     fake_python = home / "ddpm_jax" / ".venv" / "bin" / "python"
     fake_python.parent.mkdir(parents=True)
     fake_python.write_text('#!/bin/sh\nprintf "%s\\n" "$@" >"$HOME/argv"\n')
