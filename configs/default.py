@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     training.ema_decay = 0.9999
     # A non-finite loss stops training (the last checkpoint is kept); True skips such updates and counts them.
     training.skip_nonfinite_updates = False
+    # K optimizer steps per compiled call (a lax.scan); K uint8 batches sit on device at once, the state is not copied.
+    training.steps_per_dispatch = 1
     # Class-conditional models: fraction of examples trained with the null label, so that one network also learns the
     # unconditional model that classifier-free guidance needs (Ho & Salimans 2022 use 0.1 to 0.2).
     training.label_dropout = 0.1

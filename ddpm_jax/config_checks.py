@@ -99,6 +99,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         _require(t[key] > 0, f"training.{key}={t[key]} must be positive")
     _require(t.sample_every_steps >= 0, f"training.sample_every_steps={t.sample_every_steps} must be >= 0 (0: off)")
+    k = t.steps_per_dispatch
+    _require(isinstance(k, int) and k >= 1, f"training.steps_per_dispatch={k} must be a positive integer")
+    for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps",
+                "fid_every_steps"):  # 0 turns sampling and FID off.
+        _require(t[key] <= 0 or t[key] % k == 0, f"training.{key}={t[key]} must be a multiple of "
+                                                 f"training.steps_per_dispatch={k} (training runs {k} steps per call)")
     _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay={t.ema_decay} must be in [0, 1)")
 
     _require(s.method in sampling.METHODS,

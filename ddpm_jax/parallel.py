@@ -75,3 +75,8 @@ def sync_processes(name: str, timeout_s: int = 1800) -> None:
 def global_batch(mesh: jax.sharding.Mesh, local_batch: np.ndarray) -> jax.Array:
     """Assembles the per-host batches of all processes into one global array split over the mesh."""
     return jax.make_array_from_process_local_data(batch_sharded(mesh), local_batch)
+
+
+def global_stacked_batch(mesh: jax.sharding.Mesh, local_batch: np.ndarray) -> jax.Array:
+    """Like global_batch for a stack of batches (steps, batch, ...): split over the mesh along axis 1, not axis 0."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, P(None, DATA_AXIS)), local_batch)

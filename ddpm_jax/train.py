@@ -189,9 +189,21 @@ def make_train_step(
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jnp.ndarray]]]:
-    """The compiled data-parallel step: state replicated, batch split over the 'data' axis, state donated."""
+    """The compiled data-parallel step: state replicated, batch split over the 'data' axis, state donated.
+
+    With training.steps_per_dispatch = k > 1 one call runs k steps (a lax.scan carrying the state): the batch has a
+    leading axis of k (parallel.global_stacked_batch), split over 'data' on axis 1, and each scalar comes back (k,).
+    """
     step = functools.partial(train_step, model=model, sched=sched, tx=tx, config=config)
-    sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+    k = config.training.steps_per_dispatch
+    if k == 1:
+        sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
+        return jax.jit(sharded, donate_argnums=(0,))
+
+    def steps(state: TrainState, stacked: Any) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+        return jax.lax.scan(step, state, stacked, length=k)
+
+    sharded = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=(0,))
 
 
@@ -260,6 +272,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=t.keep_checkpoints)
     state = _resume_or_init(config, model, tx, mesh, ckpt, abstract)
     start_step = int(parallel.fetch(state.step))
+    k = t.steps_per_dispatch  # Steps per compiled call; config_checks made every interval a multiple of it.
+    if start_step % k:
+        ckpt.close()
+        raise config_checks.ConfigError(
+            f"the checkpoint is at step {start_step}, not a multiple of training.steps_per_dispatch={k}; "
+            f"set steps_per_dispatch to a divisor of {start_step} (1 always works) to resume")
     last_saved = start_step if start_step > 0 else None
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     logging.info("UNet with %.2f M parameters on %d devices (%s)", num_params / 1e6, mesh.size,
@@ -282,27 +300,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     window_start, window_steps = time.perf_counter(), 0
     try:
         with preemption.StopRequest() as stop:
-            for step in range(start_step + 1, t.num_train_steps + 1):
-                batch = jax.tree.map(functools.partial(parallel.global_batch, mesh), next(batches))  # images[, labels]
+            for step in range(start_step + k, t.num_train_steps + 1, k):  # `step`: the last step of this call.
+                if k == 1:  # images[, labels]
+                    batch = jax.tree.map(functools.partial(parallel.global_batch, mesh), next(batches))
+                else:  # k consecutive batches stacked on a leading axis, each leaf (k, local batch, ...).
+                    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[next(batches) for _ in range(k)])
+                    batch = jax.tree.map(functools.partial(parallel.global_stacked_batch, mesh), stacked)
                 if compiled_step is None:
                     compiled_step = compile_train_step(train_step_fn, state, batch)
-                state, scalars = compiled_step(state, batch)
+                state, scalars = compiled_step(state, batch)  # With k > 1 each scalar is (k,), one per step.
                 pending.append(scalars)
-                window_steps += 1
-                if step == start_step + 1:  # Leave compilation out of the throughput figures.
+                window_steps += k
+                if step == start_step + k:  # Leave compilation out of the throughput figures.
                     jax.block_until_ready(state.step)
                     window_start, window_steps = time.perf_counter(), 0
-                stopping = stop.requested or ckpt.reached_preemption(step)
+                # Orbax's sync point is the largest count any host passed here, plus one: pass the call index, as
+                # with k > 1 the step (a multiple of k) would never equal it.
+                stopping = stop.requested or ckpt.reached_preemption(step // k)
                 if step % t.log_every_steps == 0 or step == t.num_train_steps:
-                    window = {k: np.array([parallel.fetch(s[k]) for s in pending]) for k in pending[0]}
-                    summary = {k: float(np.mean(v)) for k, v in window.items()}
+                    window = {name: np.concatenate([np.atleast_1d(parallel.fetch(s[name])) for s in pending])
+                              for name in pending[0]}  # One entry per step, whatever k is.
+                    summary = {name: float(np.mean(v)) for name, v in window.items()}
                     if t.skip_nonfinite_updates:
                         finite = np.isfinite(window["loss"])
                         summary["loss"] = float(np.mean(window["loss"][finite])) if finite.any() else float("nan")
                         summary["skipped_updates"] = float(np.sum(window["skipped_updates"]))
                         if summary["skipped_updates"]:
                             logging.warning("skipped %d non-finite updates in the last %d steps",
-                                            summary["skipped_updates"], len(pending))
+                                            summary["skipped_updates"], len(window["loss"]))
                     elif not np.isfinite(summary["loss"]):
                         _raise_nonfinite(summary["loss"], step, last_saved)
                     elapsed = time.perf_counter() - window_start
@@ -312,9 +337,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     writer.write_scalars(step, summary)
                     pending, window_start, window_steps = [], time.perf_counter(), 0
                 if step % t.checkpoint_every_steps == 0 or step == t.num_train_steps or stopping:
-                    loss = float(parallel.fetch(scalars["loss"]))
-                    if not t.skip_nonfinite_updates and not np.isfinite(loss):
-                        _raise_nonfinite(loss, step, last_saved)  # Never save a state that a non-finite step made.
+                    loss = np.ravel(parallel.fetch(scalars["loss"]))  # The k losses of this call.
+                    if not t.skip_nonfinite_updates and not np.isfinite(loss).all():
+                        bad = int(np.argmin(np.isfinite(loss)))  # Never save a state that a non-finite step made.
+                        _raise_nonfinite(float(loss[bad]), step - len(loss) + 1 + bad, last_saved)
                     ckpt.save(step, state, config.to_dict())
                     last_saved = step
                 if stopping:

@@ -113,6 +113,22 @@ CASES = [
     ("learning-rate-zero", _set("optim.learning_rate", 0.0), E("optim.learning_rate=0.0 must be positive")),
     ("warmup-negative", _set("optim.warmup_steps", -1), E("optim.warmup_steps and optim.grad_clip_norm must be >= 0")),
     ("eta-negative", _set("sampling.eta", -0.5), E("sampling.eta=-0.5 must be >= 0")),
+    # Several steps per compiled call: every interval must fall on a call boundary.
+    ("steps-per-dispatch-zero", _set("training.steps_per_dispatch", 0),
+     E("training.steps_per_dispatch=0 must be a positive integer")),
+    ("dispatch-num-train-steps", _both(_set("training.steps_per_dispatch", 2), _set("training.num_train_steps", 7)),
+     E("training.num_train_steps=7 must be a multiple of training.steps_per_dispatch=2 (training runs 2 steps per "
+       "call)") + "$"),
+    ("dispatch-log-every", _set("training.steps_per_dispatch", 3),
+     E("training.log_every_steps=2 must be a multiple of training.steps_per_dispatch=3")),
+    ("dispatch-checkpoint-every", _set("training.steps_per_dispatch", 2),
+     E("training.checkpoint_every_steps=3 must be a multiple of training.steps_per_dispatch=2")),
+    ("dispatch-sample-every", _both(_set("training.steps_per_dispatch", 2), _set("training.checkpoint_every_steps", 2),
+                                    _set("training.sample_every_steps", 5)),
+     E("training.sample_every_steps=5 must be a multiple of training.steps_per_dispatch=2")),
+    ("dispatch-fid-every", _both(_set("training.steps_per_dispatch", 2), _set("training.checkpoint_every_steps", 2),
+                                 _set("training.fid_every_steps", 5)),
+     E("training.fid_every_steps=5 must be a multiple of training.steps_per_dispatch=2")),
 ]
 
 
@@ -140,6 +156,14 @@ def test_batch_divisibility_follows_the_device_count():
     config_checks.validate(config, num_devices=4)
     with pytest.raises(ConfigError, match="not divisible by the 8 devices"):
         config_checks.validate(config, num_devices=8)
+
+
+def test_steps_per_dispatch_accepts_multiples_and_intervals_that_are_off():
+    config = tiny_config("unused", 8)
+    config.training.steps_per_dispatch, config.training.checkpoint_every_steps = 2, 4
+    config_checks.validate(config, num_devices=8)  # sample_every_steps and fid_every_steps are 0: off.
+    config.training.sample_every_steps = 6
+    config_checks.validate(config, num_devices=8)
 
 
 def test_config_error_is_a_value_error():
