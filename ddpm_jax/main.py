@@ -48,6 +48,9 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_QuietLibraries())
+    from ddpm_jax import xla_flags
+
+    xla_flags.apply_defaults()  # Before JAX starts its backends, which read XLA_FLAGS once.
     # Imported here so that --help answers at once and flags are parsed before JAX starts.
     import jax
 

@@ -6,6 +6,10 @@ import pathlib
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from ddpm_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # The suite runs the XLA flags that `python -m ddpm_jax.main` runs with.
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

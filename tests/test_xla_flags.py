@@ -1,0 +1,85 @@
+"""The default XLA flags: merged without overriding the user's, and the UNet computes the same with and without."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from ddpm_jax import xla_flags
+
+
+def test_merged_appends_missing_flags_and_keeps_the_users():
+    defaults = {"xla_cpu_a": "x,y", "xla_cpu_b": "1"}
+    assert xla_flags.merged("", defaults) == "--xla_cpu_a=x,y --xla_cpu_b=1"
+    assert xla_flags.merged("--xla_force_host_platform_device_count=8", defaults) == (
+        "--xla_force_host_platform_device_count=8 --xla_cpu_a=x,y --xla_cpu_b=1")
+    assert xla_flags.merged("--xla_cpu_a=z", defaults) == "--xla_cpu_a=z --xla_cpu_b=1"  # The user's value wins.
+    once = xla_flags.merged("", defaults)
+    assert xla_flags.merged(once, defaults) == once  # Applying twice adds nothing.
+
+
+def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "0")
+    assert xla_flags.apply_defaults() == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))
+    assert xla_flags.apply_defaults() == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: xla_flags.TESTED_JAXLIB[0])
+    flags = xla_flags.apply_defaults()
+    assert all(f"--{name}=" in flags for name in xla_flags.CPU_DEFAULTS)
+
+
+_FORWARD_AND_GRADIENT = """
+import json, sys
+sys.path.insert(0, {repo!r})
+from ddpm_jax import xla_flags
+xla_flags.apply_defaults()
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, {tests!r})
+from conftest import tiny_config
+from ddpm_jax.models import unet
+config = tiny_config(image_size=16)
+config.model.ch_mult = (1, 2, 2)
+model = unet.create_model(config)
+x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+t = jnp.array([0, 10, 50, 99])
+params = model.init(jax.random.PRNGKey(1), x, t)
+# Non-zero output layers, so that every parameter has a gradient worth comparing.
+params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+out = model.apply(params, x, t)
+grads = jax.grad(lambda p: jnp.mean((model.apply(p, x, t) - x) ** 2))(params)
+np.savez({path!r}, out=np.asarray(out), **{{"/".join(str(k.key) for k in path): np.asarray(g)
+         for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}})
+print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))
+"""
+
+
+def _run(tmp_path, name, defaults_on):
+    path = str(tmp_path / f"{name}.npz")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", DDPM_JAX_XLA_DEFAULTS="1" if defaults_on else "0")
+    script = _FORWARD_AND_GRADIENT.format(repo=str(REPO), tests=str(REPO / "tests"), path=path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["xla_flags"], np.load(path)
+
+
+@pytest.mark.skipif(xla_flags.jaxlib_version() is None
+                    or not xla_flags.TESTED_JAXLIB[0] <= xla_flags.jaxlib_version() < xla_flags.TESTED_JAXLIB[1],
+                    reason="the default flags are only applied on the jaxlib releases they were measured on")
+def test_the_unet_and_its_gradients_match_the_plain_xla_path(tmp_path):
+    flags_on, fast = _run(tmp_path, "fast", True)
+    flags_off, plain = _run(tmp_path, "plain", False)
+    assert "ynn_fusion_type" in flags_on and "ynn_fusion_type" not in flags_off
+    assert set(fast.files) == set(plain.files) and len(fast.files) > 20
+    largest = max(np.abs(plain[name]).max() for name in plain.files if name != "out")
+    for name in plain.files:
+        # Per-leaf scale, floored for leaves whose gradient is zero in exact arithmetic (the attention key's bias
+        # cancels in the softmax) and so is rounding noise on both paths.
+        scale = max(np.abs(plain[name]).max(), 1e-3 * largest)
+        np.testing.assert_allclose(fast[name], plain[name], rtol=0, atol=2e-4 * scale, err_msg=name)
