@@ -9,5 +9,5 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt -e .
-"$venv/bin/python" -m ruff check ddpm_jax tests configs notebooks
+"$venv/bin/python" -m ruff check ddpm_jax tests configs notebooks benchmarks
 exec "$venv/bin/python" -m pytest -q --durations=15 "$@" tests
