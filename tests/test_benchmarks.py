@@ -14,7 +14,7 @@ from ddpm_jax.models import unet  # noqa: E402
 
 # Parameter counts of diffusers 0.42.1 UNet2DModel(**presets.diffusers_unet_kwargs(preset)), printed by
 # benchmarks/peer_bench.py: the same network has the same number of weights.
-DIFFUSERS_PARAMS = {"tiny32": 1_113_955, "small64": 17_217_923}
+DIFFUSERS_PARAMS = {"tiny32": 1_113_955, "small64": 17_217_923, "tutorial": 113_673_219}
 
 
 @pytest.mark.parametrize("name", sorted(DIFFUSERS_PARAMS))
