@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.timing import run_times  # noqa: E402
 from ddpm_jax import xla_flags  # noqa: E402
 
 xla_flags.apply_defaults()  # The same XLA flags as the train step: the ceiling of the code path we use.
@@ -25,12 +25,7 @@ def best_gflops(fn, args, flops: float, repeats: int = 7) -> float:
     """GFLOP/s of the fastest of `repeats` timed calls of the compiled fn (after one warm-up call)."""
     compiled = jax.jit(fn).lower(*args).compile()
     jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return flops / min(times) / 1e9
+    return flops / min(run_times(lambda: jax.block_until_ready(compiled(*args)), repeats)) / 1e9
 
 
 def conv(x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:

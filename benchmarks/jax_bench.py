@@ -26,6 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import presets  # noqa: E402
+from benchmarks.timing import run_times  # noqa: E402
 from configs import default  # noqa: E402
 from ddpm_jax import generation, parallel, train  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
@@ -55,15 +56,6 @@ def forward_flops_per_image(model: unet.UNet, size: int, batch: int) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["flops"]) / batch
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -102,7 +94,7 @@ def main() -> None:
     for _ in range(2):
         train_dispatch()
     repeats = max(3, -(-p.train_repeats // k))
-    train_s = _median_seconds(train_dispatch, repeats) / k
+    train_s = statistics.median(run_times(train_dispatch, repeats)) / k
     state, scalars = step(state, batch)  # The step donates its input state: keep the new one.
     loss = float(np.mean(parallel.fetch(scalars["loss"])))
 
@@ -122,8 +114,8 @@ def main() -> None:
         key = jax.random.PRNGKey(1)
         compiled = sampler.lower(state.ema_params, key, p.batch_size).compile()
         jax.block_until_ready(compiled(state.ema_params, key))
-        result["sample_s_per_step"] = _median_seconds(
-            lambda: jax.block_until_ready(compiled(state.ema_params, key)), 3) / p.sample_steps
+        result["sample_s_per_step"] = statistics.median(
+            run_times(lambda: jax.block_until_ready(compiled(state.ema_params, key)), 3)) / p.sample_steps
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 

@@ -24,15 +24,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup  # noqa: E4
 from diffusers.training_utils import EMAModel  # noqa: E402
 
 from benchmarks import presets  # noqa: E402
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchmarks.timing import run_times  # noqa: E402
 
 
 def main() -> None:
@@ -71,7 +63,7 @@ def main() -> None:
     train_step()  # The first step: torch.compile's compilation when --compile, else allocator warm-up.
     first_step_s = time.perf_counter() - start
     train_step()
-    train_s = _median_seconds(train_step, p.train_repeats)
+    train_s = statistics.median(run_times(train_step, p.train_repeats))
 
     model.eval()
     scheduler.set_timesteps(1000)
@@ -84,7 +76,7 @@ def main() -> None:
             x = scheduler.step(forward(x, t, return_dict=False)[0], t, x).prev_sample
 
     sample_steps()
-    sample_s = _median_seconds(sample_steps, 3) / p.sample_steps
+    sample_s = statistics.median(run_times(sample_steps, 3)) / p.sample_steps
 
     print(json.dumps({
         "framework": f"diffusers {__import__('diffusers').__version__} / torch {torch.__version__}"

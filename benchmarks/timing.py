@@ -1,0 +1,16 @@
+"""Wall-clock timing shared by every benchmark process; standard library only, so the PyTorch peer can import it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+def run_times(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds taken by each of `repeats` calls of fn (which must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
