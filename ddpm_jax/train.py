@@ -191,8 +191,9 @@ def make_train_step(
 ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jnp.ndarray]]]:
     """The compiled data-parallel step: state replicated, batch split over the 'data' axis, state donated.
 
-    With training.steps_per_dispatch = k > 1 one call runs k steps (a lax.scan carrying the state): the batch has a
-    leading axis of k (parallel.global_stacked_batch), split over 'data' on axis 1, and each scalar comes back (k,).
+    With training.steps_per_dispatch = k > 1 one call runs k steps (a lax.scan carrying the state, unrolled on CPUs):
+    the batch has a leading axis of k (parallel.global_stacked_batch), split over 'data' on axis 1, and each scalar
+    comes back (k,).
     """
     step = functools.partial(train_step, model=model, sched=sched, tx=tx, config=config)
     k = config.training.steps_per_dispatch
@@ -200,8 +201,13 @@ def make_train_step(
         sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
         return jax.jit(sharded, donate_argnums=(0,))
 
+    # XLA:CPU rewrites convolutions into the layout its fast kernels take only in the entry computation, so the
+    # gradient convolutions of a step inside a while loop fall back to a naive loop (15x slower, measured): on CPUs
+    # the k steps are unrolled, which costs k times the compile time. Accelerators keep the loop.
+    unroll = all(d.platform == "cpu" for d in mesh.devices.flat)
+
     def steps(state: TrainState, stacked: Any) -> tuple[TrainState, dict[str, jnp.ndarray]]:
-        return jax.lax.scan(step, state, stacked, length=k)
+        return jax.lax.scan(step, state, stacked, length=k, unroll=unroll)
 
     sharded = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
     return jax.jit(sharded, donate_argnums=(0,))

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 
 import jax
 import numpy as np
@@ -85,3 +86,23 @@ def test_train_and_evaluate_two_steps_per_dispatch(tiny, tmp_path):
     t.num_train_steps = t.log_every_steps = t.checkpoint_every_steps = 8
     with pytest.raises(ValueError, match=r"checkpoint is at step 6, not a multiple of training.steps_per_dispatch=4"):
         train.train_and_evaluate(tiny, workdir)
+
+
+
+def test_cpu_steps_are_unrolled_not_looped(tiny):
+    """On XLA:CPU a step inside a while loop gets naive gradient convolutions (15x slower): k steps are unrolled."""
+    mesh = parallel.make_mesh()
+    model, tx = unet.create_model(tiny), train.create_optimizer(tiny)
+    state = train.init_train_state(tiny, model, tx, mesh)
+    programs = {}
+    for k in (1, 2):
+        tiny.training.steps_per_dispatch = k
+        images = np.zeros((k, 16, 8, 8, 3) if k > 1 else (16, 8, 8, 3), np.uint8)
+        batch = parallel.global_stacked_batch(mesh, images) if k > 1 else parallel.global_batch(mesh, images)
+        step = train.make_train_step(tiny, model, train.create_schedule(tiny), tx, mesh)
+        programs[k] = step.lower(state, batch).compile().as_text()
+    # Unrolled: the k=2 program holds each loop and convolution of one step twice, and no loop around the steps.
+    loops, convolutions = ({k: len(re.findall(pattern, p)) for k, p in programs.items()}
+                           for pattern in (r" while\(", r" convolution\("))
+    assert convolutions[2] == 2 * convolutions[1] > 0
+    assert loops[2] == 2 * loops[1]
