@@ -1,16 +1,17 @@
 """XLA flags that ddpm_jax turns on by default, merged into XLA_FLAGS before JAX starts its backends.
 
-On the CPU, routing dots, convolutions and the elementwise ops around them through XLA's YNNPACK fusions made the
-UNet's train step 1.3-1.7x and its forward pass about 2x faster (benchmarks/run.py, README "Performance"). The flag
-is experimental in XLA, so it is only added for the jaxlib releases it was measured on; a user's own XLA_FLAGS value
-for the same flag wins, and DDPM_JAX_XLA_DEFAULTS=0 turns the defaults off.
+On the CPU, routing convolutions and dots through XLA's YNNPACK fusions makes the UNet's train step and forward pass
+about 1.5-2.5x faster (benchmarks/run.py; figures in README "Performance"). Only "dot": adding "eltwise" pulls
+GroupNorm and swish into the convolution fusions, which made small64's train step and forward pass 1.3x slower.
+The flag is experimental in XLA, so it is only added for the jaxlib releases it was measured on; a user's own
+XLA_FLAGS value for the same flag wins, and DDPM_JAX_XLA_DEFAULTS=0 turns the defaults off.
 """
 
 from __future__ import annotations
 
 import os
 
-CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot,eltwise"}
+CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
 # Releases the defaults were measured on: an XLA that does not know a flag aborts the process.
 TESTED_JAXLIB = ((0, 10, 2), (0, 11, 0))  # [from, to)
 
