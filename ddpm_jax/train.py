@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import time
@@ -213,6 +214,19 @@ def make_train_step(
     return jax.jit(sharded, donate_argnums=(0,))
 
 
+def release_freed_heap() -> bool:
+    """Hands the C heap's free pages back to the OS (glibc's malloc_trim); True if it ran.
+
+    XLA's compiler frees most of what it allocates, but glibc keeps those pages: after compiling tiny32's train step
+    the process held about 480 MiB it no longer used, on top of which the step's own buffers then raised the peak.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to trim this way.
+        return False
+
+
 def compile_train_step(step_fn: Callable, state: TrainState, batch: jax.Array) -> Callable:
     """Compiles the step ahead of its first call, logs how long that took, then lines up all processes.
 
@@ -222,6 +236,7 @@ def compile_train_step(step_fn: Callable, state: TrainState, batch: jax.Array) -
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     logging.info("traced and compiled the train step in %.1f s", time.perf_counter() - start)
+    release_freed_heap()
     parallel.sync_processes("train step compiled")
     return compiled
 
