@@ -88,7 +88,6 @@ def test_train_and_evaluate_two_steps_per_dispatch(tiny, tmp_path):
         train.train_and_evaluate(tiny, workdir)
 
 
-
 def test_cpu_steps_are_unrolled_not_looped(tiny):
     """On XLA:CPU a step inside a while loop gets naive gradient convolutions (15x slower): k steps are unrolled."""
     mesh = parallel.make_mesh()
