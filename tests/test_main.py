@@ -95,3 +95,29 @@ def test_a_workdir_of_another_model_is_refused_and_left_alone(butterflies_dir, t
     assert result.returncode == 2
     assert "different shape" in result.stderr and "new --workdir" in result.stderr
     assert sorted((p, p.stat().st_mtime_ns) for p in (workdir / "checkpoints").rglob("*")) == before
+
+
+def test_the_reference_run_gives_the_recorded_arrays(butterflies_dir, tmp_path):
+    """tests/reference_run.py's 30-step run and 8 DDIM samples, against what it gave before the house refactor.
+
+    Bitwise on the CPU kind and jaxlib it was recorded on; elsewhere float results may differ in the last bits, so
+    the samples must agree within a few levels and every leaf's mean and norm within a small tolerance.
+    """
+    import json
+
+    import reference_run
+
+    fixture = np.load(REPO / "tests" / "data" / "reference_run.npz")
+    meta, stats = json.loads(str(fixture["meta"])), json.loads(str(fixture["stats"]))
+    arrays = reference_run.record(tmp_path / "run", str(butterflies_dir))
+    assert sorted(arrays) == sorted(meta["digests"])
+    if reference_run.machine() == meta["machine"]:
+        different = [k for k, v in arrays.items() if reference_run.digest(v) != meta["digests"][k]]
+        assert not different, f"{len(different)} arrays differ bitwise from the reference, e.g. {different[:5]}"
+        return
+    gap = np.abs(arrays["samples"].astype(int) - fixture["samples"].astype(int))
+    assert gap.max() <= 8 and gap.mean() <= 1.0, (gap.max(), gap.mean())
+    for key, (mean, norm) in stats.items():
+        value = arrays[key].astype(np.float64)
+        np.testing.assert_allclose([value.mean(), np.linalg.norm(value)], [mean, norm], rtol=1e-2, atol=1e-5,
+                                   err_msg=key)
