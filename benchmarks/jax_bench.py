@@ -2,7 +2,7 @@
 
 Run by `benchmarks/run.py`; prints one JSON object. Everything timed is what `--mode=train` and `--mode=sample` run:
 `train.make_train_step` (noising, forward, backward, clipping, Adam, EMA under shard_map) and
-`generation.make_sampler` (one lax.scan over the denoising steps). Compilation and warm-up are timed apart.
+`sampler.make_sampler` (one lax.scan over the denoising steps). Compilation and warm-up are timed apart.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 from benchmarks import presets  # noqa: E402
 from benchmarks.timing import run_times  # noqa: E402
-from configs import default  # noqa: E402
-from ddpm_jax import generation, parallel, train  # noqa: E402
+from ddpm_jax import config as default  # noqa: E402
+from ddpm_jax import parallel, sampler, train, train_state  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 
@@ -72,18 +72,17 @@ def main() -> None:
 
     mesh = parallel.make_mesh()
     model = unet.create_model(config)
-    tx = train.create_optimizer(config)
-    sched = train.create_schedule(config)
-    state = train.init_train_state(config, model, tx, mesh)
+    tx = train_state.create_optimizer(config)
+    state = train_state.init_train_state(config, model, tx, mesh)
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     rng = np.random.default_rng(0)
     shape = (k, p.batch_size) if k > 1 else (p.batch_size,)
     images = rng.integers(0, 256, (*shape, p.image_size, p.image_size, 3), np.uint8)
     # With k > 1, a stack of k batches: the step function scans over its leading axis.
-    batch = parallel.global_stacked_batch(mesh, images) if k > 1 else parallel.global_batch(mesh, images)
+    batch = {"image": parallel.global_stacked_batch(mesh, images) if k > 1 else parallel.global_batch(mesh, images)}
 
     start = time.perf_counter()
-    step = train.compile_train_step(train.make_train_step(config, model, sched, tx, mesh), state, batch)
+    step = train.compile_train_step(train.make_train_step(config, model, mesh), state, batch)
     compile_s = time.perf_counter() - start
 
     def train_dispatch() -> None:
@@ -110,9 +109,9 @@ def main() -> None:
         "loss": loss,
     }
     if not args.skip_sampling:
-        sampler = generation.make_sampler(config, model, sched, mesh)
+        sample_fn = sampler.make_sampler(config, model, mesh)
         key = jax.random.PRNGKey(1)
-        compiled = sampler.lower(state.ema_params, key, p.batch_size).compile()
+        compiled = sample_fn.lower(state.ema_params, key, p.batch_size).compile()
         jax.block_until_ready(compiled(state.ema_params, key))
         result["sample_s_per_step"] = statistics.median(
             run_times(lambda: jax.block_until_ready(compiled(state.ema_params, key)), 3)) / p.sample_steps

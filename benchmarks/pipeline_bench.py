@@ -1,7 +1,7 @@
 """Input pipeline throughput: decoding a folder of images once, then the steady-state batches a train step consumes.
 
 Run by `benchmarks/run.py` in its own process; prints one JSON object. `decode_img_s` is the one-off cost of loading
-(JPEG decode, resize, crop) that happens before training; `batches_img_s` is what `input_pipeline.train_batches`
+(JPEG decode, resize, crop) that happens before training; `batches_img_s` is what `data.train_batches`
 (shuffled gathers in its prefetch thread) delivers per second, which has to stay well above the train throughput.
 """
 
@@ -16,7 +16,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import presets  # noqa: E402
-from ddpm_jax import input_pipeline  # noqa: E402
+from ddpm_jax import data  # noqa: E402
 
 DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                               "butterflies")
@@ -35,14 +35,14 @@ def main() -> None:
         raise SystemExit(f"error: no image folder at {args.data}; pass --data=FOLDER (any folder of images)")
 
     start = time.perf_counter()
-    source = input_pipeline.create_source(args.data, p.image_size)
+    source = data.create_source(args.data, p.image_size)
     decode_s = time.perf_counter() - start
 
-    batches = input_pipeline.train_batches(source, batch_size=p.batch_size, seed=0, start_step=0)
+    batches = data.train_batches(source, batch_size=p.batch_size, seed=0, start_step=0)
     next(batches)  # Starts the prefetch thread.
     start = time.perf_counter()
     for _ in range(args.batches):
-        batch = next(batches)
+        batch = next(batches)["image"]
         batch.sum(axis=0, dtype="uint32")  # Touch every byte, as the host-to-device copy does.
     batches_s = time.perf_counter() - start
     batches.close()

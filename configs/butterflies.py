@@ -4,14 +4,9 @@ Channels (128, 128, 256, 256, 512, 512), 2 ResNet blocks per level, attention at
 Offline, point data.dataset at a local folder: --config.data.dataset=/path/to/butterflies
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-# Lets `configs` import when --config is given as a path from any working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import default  # noqa: E402
+from ddpm_jax import config as default
 
 
 def get_config() -> ml_collections.ConfigDict:

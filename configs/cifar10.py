@@ -1,13 +1,8 @@
 """CIFAR-10 with the settings of Ho et al. (2020): 35.7 M-parameter UNet, batch 128, 800k steps, lr 2e-4."""
 
-import pathlib
-import sys
-
 import ml_collections
 
-# Lets `configs` import when --config is given as a path from any working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import default  # noqa: E402
+from ddpm_jax import config as default
 
 
 def get_config() -> ml_collections.ConfigDict:

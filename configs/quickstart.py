@@ -4,14 +4,9 @@ Get the data once with `apt-get install -y dataset-fashion-mnist` (IDX files und
 Any folder of images works too: --config.data.dataset=/path/to/images
 """
 
-import pathlib
-import sys
-
 import ml_collections
 
-# Lets `configs` import when --config is given as a path from any working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import default  # noqa: E402
+from ddpm_jax import config as default
 
 
 def get_config() -> ml_collections.ConfigDict:

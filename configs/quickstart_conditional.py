@@ -6,18 +6,15 @@ python -m ddpm_jax.main --config=configs/quickstart_conditional.py --workdir=/tm
 """
 
 import pathlib
-import sys
 
 import ml_collections
 
-# Lets `configs` import when --config is given as a path from any working directory.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from configs import quickstart  # noqa: E402
+from ddpm_jax.config import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Returns the class-conditional quickstart config."""
-    config = quickstart.get_config()
+    config = load_config_file(pathlib.Path(__file__).with_name("quickstart.py"))
     config.model.num_classes = 10
     # The IDX label files hold the numbers 0-9; these are their names in Fashion-MNIST's documentation.
     config.data.class_names = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

@@ -1,4 +1,5 @@
-"""A thin wrapper over Orbax's CheckpointManager: save the train state and config, restore onto any device layout."""
+"""Checkpoints: a thin wrapper over Orbax's CheckpointManager (save the train state and config, restore onto any device
+layout), the workdir check before training, and the EMA restore that every mode reading a trained model needs."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ import time
 import uuid
 from typing import Any
 
+import flax.linen as nn
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from ddpm_jax import fileio, parallel
+from ddpm_jax import fileio, parallel, train_state
+from ddpm_jax.errors import CheckpointMismatchError, MissingCheckpointError, WorkdirError
+from ddpm_jax.models import unet
 
 # Orbax splits every replicated array into one slice per replica so that replicas write in parallel; for the many
 # small arrays of a UNet that is thousands of device slicing ops (10-20 s for the first save of even a tiny model).
@@ -21,14 +26,6 @@ from ddpm_jax import fileio, parallel
 ocp.type_handlers.register_type_handler(
     jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=4 << 20), override=True
 )
-
-
-class CheckpointMismatchError(ValueError):
-    """The checkpoint in a workdir holds a model of another shape than the config describes."""
-
-
-class WorkdirError(OSError):
-    """The workdir cannot hold this run's checkpoints: not writable, or not enough free space."""
 
 
 def check_workdir(workdir: str, state_bytes: int) -> None:
@@ -173,3 +170,30 @@ class Checkpointer:
         """Waits for pending saves and releases the manager's resources."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Where a run keeps its checkpoints: <workdir>/checkpoints."""
+    return os.path.join(fileio.resolve(workdir), "checkpoints")
+
+
+def restore_ema_params(
+    config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh
+) -> tuple[nn.Module, Any, int]:
+    """The model of `config` and the EMA parameters and step of the latest intact checkpoint in workdir."""
+    ckpt_dir = checkpoint_dir(workdir)
+    if not fileio.is_dir(ckpt_dir):
+        raise MissingCheckpointError(f"no checkpoints in {ckpt_dir}: train first with --mode=train --workdir={workdir}")
+    ckpt = Checkpointer(ckpt_dir, keep=config.training.keep_checkpoints)
+    model = unet.create_model(config)
+    abstract = train_state.abstract_train_state(config, model, train_state.create_optimizer(config), mesh)
+    try:
+        restored = ckpt.restore_latest_intact(abstract)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise MissingCheckpointError(
+            f"no intact checkpoint in {ckpt_dir}: train first with --mode=train --workdir={workdir}"
+        )
+    state, step = restored
+    return model, state.ema_params, step

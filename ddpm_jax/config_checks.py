@@ -1,48 +1,25 @@
-"""Checks a config before anything is compiled: one readable line per problem, naming the accepted values."""
+"""Checks a config before anything is compiled: one readable line per problem, naming the accepted values.
+
+Value rules only: no file or network I/O (files named by a config are checked by the code that reads them).
+"""
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
-import pathlib
-from typing import Any
-
 import ml_collections
 
-from ddpm_jax import likelihood, losses, sampling, schedule
+from ddpm_jax import config as default_config
+from ddpm_jax.diffusion import likelihood, samplers, schedule
+from ddpm_jax.diffusion.parameterization import PREDICTIONS
+from ddpm_jax.errors import ConfigError
 
-DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "default.py"
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "adamw")
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work, with what is wrong and what is accepted."""
-
-
-def _flat_keys(cfg: Any, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in cfg.items():
-        name = f"{prefix}{k}"
-        if isinstance(v, ml_collections.ConfigDict | dict):
-            keys |= _flat_keys(v, name + ".")
-        else:
-            keys.add(name)
-    return keys
-
-
 def check_known_keys(config: ml_collections.ConfigDict) -> None:
     """Rejects keys the code never reads (typos in experiment configs), suggesting the closest known key."""
-    if not DEFAULT_CONFIG.is_file():  # An installed copy without the repository's configs/: nothing to compare.
-        return
-    spec = importlib.util.spec_from_file_location("ddpm_jax_default_config", DEFAULT_CONFIG)
-    default = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(default)
-    known = _flat_keys(default.get_config())
-    for key in sorted(_flat_keys(config) - known):
-        close = difflib.get_close_matches(key, sorted(known), n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unknown config key {key}{hint}")
+    for key in sorted(default_config.flat_keys(config) - default_config.flat_keys(default_config.get_config())):
+        raise ConfigError(default_config.unknown_key_message(key))
 
 
 def _require(ok: bool, message: str) -> None:
@@ -81,8 +58,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     _require(diff.schedule in schedule.SCHEDULES,
              f"unknown diffusion.schedule {diff.schedule!r}; accepted: {', '.join(schedule.SCHEDULES)}")
     _require(diff.num_timesteps > 1, f"diffusion.num_timesteps={diff.num_timesteps} must be at least 2")
-    _require(diff.prediction in losses.PREDICTIONS,
-             f"unknown diffusion.prediction {diff.prediction!r}; accepted: {', '.join(losses.PREDICTIONS)}")
+    _require(diff.prediction in PREDICTIONS,
+             f"unknown diffusion.prediction {diff.prediction!r}; accepted: {', '.join(PREDICTIONS)}")
 
     _require(o.optimizer in OPTIMIZERS, f"unknown optim.optimizer {o.optimizer!r}; accepted: {', '.join(OPTIMIZERS)}")
     _require(o.learning_rate > 0, f"optim.learning_rate={o.learning_rate} must be positive")
@@ -107,8 +84,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
                                                  f"training.steps_per_dispatch={k} (training runs {k} steps per call)")
     _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay={t.ema_decay} must be in [0, 1)")
 
-    _require(s.method in sampling.METHODS,
-             f"unknown sampling.method {s.method!r}; accepted: {', '.join(sampling.METHODS)}")
+    _require(s.method in samplers.METHODS,
+             f"unknown sampling.method {s.method!r}; accepted: {', '.join(samplers.METHODS)}")
     _require(
         1 <= s.num_steps <= diff.num_timesteps,
         f"sampling.num_steps={s.num_steps} must be between 1 and diffusion.num_timesteps={diff.num_timesteps}",
@@ -162,14 +139,10 @@ def _check_conditioning(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_fid(config: ml_collections.ConfigDict) -> None:
-    """FID/KID keys; with periodic FID in training, the Inception weights file must exist before anything compiles."""
+    """FID/KID keys (the Inception weights file is checked where it is loaded, before anything compiles)."""
     ev, t = config.eval, config.training
     _require(t.fid_every_steps >= 0, f"training.fid_every_steps={t.fid_every_steps} must be >= 0 (0: off)")
     for key, n in (("eval.fid_num_samples", ev.fid_num_samples), ("training.fid_num_samples", t.fid_num_samples)):
         _require(n >= 2, f"{key}={n} must be at least 2 (a covariance needs two samples; the standard is 50000)")
     _require(ev.fid_batch_size > 0, f"eval.fid_batch_size={ev.fid_batch_size} must be positive")
     _require(str(ev.fid_cache_dir).strip() != "", "eval.fid_cache_dir must name a directory for reference statistics")
-    if t.fid_every_steps > 0:
-        from ddpm_jax import inception  # Here, not at the top: inception imports this module for ConfigError.
-
-        inception.check_weights_file(ev.inception_weights)

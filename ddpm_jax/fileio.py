@@ -6,9 +6,12 @@ metrics) goes through here. Bucket access needs the `gcs` extra: pip install "dd
 
 from __future__ import annotations
 
+import io
 import os
 import uuid
+from collections.abc import Mapping
 
+import numpy as np
 from etils import epath
 
 
@@ -42,6 +45,13 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> str:
 def write_text(path: str | os.PathLike, text: str) -> str:
     """write_bytes for UTF-8 text."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], compress: bool = True) -> str:
+    """Writes named arrays as an .npz (compressed unless told otherwise) with write_bytes; returns the path."""
+    buffer = io.BytesIO()
+    (np.savez_compressed if compress else np.savez)(buffer, **arrays)
+    return write_bytes(path, buffer.getvalue())
 
 
 def read_text(path: str | os.PathLike) -> str:

@@ -10,6 +10,7 @@ XLA_FLAGS value for the same flag wins, and DDPM_JAX_XLA_DEFAULTS=0 turns the de
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 
 CPU_DEFAULTS = {"xla_cpu_experimental_ynn_fusion_type": "dot"}
 # Releases the defaults were measured on: an XLA that does not know a flag aborts the process.
@@ -26,8 +27,6 @@ def merged(xla_flags: str, defaults: dict[str, str]) -> str:
 def jaxlib_version() -> tuple[int, ...] | None:
     """The installed jaxlib's (major, minor, patch), or None when it is missing or unreadable."""
     try:
-        from importlib.metadata import version
-
         return tuple(int(p) for p in version("jaxlib").split(".")[:3])
     except Exception:  # noqa: BLE001 - any failure means "unknown": add no flags.
         return None

@@ -2,7 +2,7 @@
 
 Run it directly (each scenario prints PASS or raises):
     python tests/fault_injection.py --butterflies ../shared/data/butterflies [--workdir /tmp/faults]
-tests/test_fault_injection.py runs the same scenarios under pytest.
+tests/test_train.py and tests/test_preemption.py run the SIGKILL and the signal scenarios under pytest.
 """
 
 from __future__ import annotations
@@ -18,28 +18,17 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-# A UNet small enough that each process spends its time in start-up, not in training.
-TINY = {
-    "data.image_size": 8, "model.ch": 8, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
-    "model.attn_resolutions": (4,), "model.num_groups": 4, "model.dropout": 0.0, "diffusion.num_timesteps": 50,
-    "training.batch_size": 8, "training.log_every_steps": 1, "training.sample_every_steps": 0,
-    "sampling.num_steps": 5, "sampling.num_samples": 4, "sampling.num_intermediates": 0,
-}
+from reference_run import MODEL, MODEL_FLAGS, flag  # noqa: E402  (tests/ is on sys.path, as a script and in pytest)
 
-
-def _flag(key: str, value: object) -> str:
-    if isinstance(value, tuple):
-        value = "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
-    return f"--config.{key}={value}"
+RUN = {"training.log_every_steps": 1, "training.sample_every_steps": 0}  # Progress lines to wait for; no grids.
 
 
 def tiny_config(dataset: str, **overrides: object):
-    """The quickstart config with TINY and `overrides` applied, as the command line would apply them."""
-    sys.path.insert(0, str(REPO))
-    from configs import quickstart
+    """The quickstart config with reference_run.MODEL and `overrides` applied, as the command line applies them."""
+    from ddpm_jax.config import load_config_file
 
-    config = quickstart.get_config()
-    for key, value in {"data.dataset": dataset, **TINY, **overrides}.items():
+    config = load_config_file(REPO / "configs" / "quickstart.py")
+    for key, value in {"data.dataset": dataset, **MODEL, **RUN, **overrides}.items():
         section, name = key.split(".")
         config[section][name] = value
     return config
@@ -48,7 +37,8 @@ def tiny_config(dataset: str, **overrides: object):
 def start_main(workdir: pathlib.Path, dataset: str, *, mode: str = "train", devices: int = 2,
                **overrides: object) -> subprocess.Popen:
     """Starts the CLI on the tiny config; stderr (the log) is readable line by line from the returned process."""
-    flags = [_flag(k, v) for k, v in {"data.dataset": dataset, **TINY, **overrides}.items()]
+    overrides = {**RUN, **overrides}
+    flags = [*MODEL_FLAGS, f"--config.data.dataset={dataset}", *[flag(k, v) for k, v in overrides.items()]]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "ddpm_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
            f"--mode={mode}", *flags]
@@ -77,12 +67,12 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 300) -> 
 
 def load_state(workdir: pathlib.Path, config, step: int | None = None):
     """The train state saved in workdir (latest step by default), restored onto this process's devices."""
-    from ddpm_jax import checkpointing, parallel, train
+    from ddpm_jax import checkpointing, parallel, train_state
     from ddpm_jax.models import unet
 
     ckpt = checkpointing.Checkpointer(str(workdir / "checkpoints"))
-    abstract = train.abstract_train_state(
-        config, unet.create_model(config), train.create_optimizer(config), parallel.make_mesh())
+    abstract = train_state.abstract_train_state(
+        config, unet.create_model(config), train_state.create_optimizer(config), parallel.make_mesh())
     state, _ = ckpt.restore(step if step is not None else ckpt.latest_step(), abstract)
     ckpt.close()
     return state
@@ -115,17 +105,30 @@ def scenario_sigterm(root: pathlib.Path, dataset: str, sig: int = signal.SIGTERM
     return steps[0]
 
 
-def scenario_sigkill_exact_resume(root: pathlib.Path, dataset: str, total: int = 8) -> None:
-    """Killed with SIGKILL after a checkpoint and rerun until done == never interrupted, bit for bit."""
-    overrides = {"training.num_train_steps": total, "training.checkpoint_every_steps": 2}
-    straight = run_main(root / "straight", dataset, **overrides)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def scenario_sigkill_exact_resume(root: pathlib.Path, dataset: str, straight: pathlib.Path | None = None,
+                                  total: int = 8) -> None:
+    """Killed with SIGKILL after a checkpoint and rerun until done == never interrupted, bit for bit.
+
+    `straight`: a workdir that tests/reference_run.py trained (its final checkpoint is the uninterrupted run, so no
+    straight run is needed here); without it, a straight run of `total` steps is made first.
+    """
+    every = 2
+    if straight is not None:
+        from reference_run import NUM_STEPS
+
+        total, every = NUM_STEPS, 10
+    overrides = {"training.num_train_steps": total, "training.checkpoint_every_steps": every}
+    if straight is None:
+        straight = root / "straight"
+        result = run_main(straight, dataset, **overrides)
+        assert result.returncode == 0, result.stderr[-3000:]
 
     workdir = root / "killed"
     proc = start_main(workdir, dataset, **overrides)
-    wait_for_line(proc, "step 5/")  # Past the checkpoint at step 4, before the one at 6.
+    wait_for_line(proc, f"step {2 * every + 1}/")  # Past the second checkpoint, before the next one.
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    assert not (workdir / "checkpoints" / str(total)).exists(), "the run finished before the kill"
     reruns = 0
     while True:
         result = run_main(workdir, dataset, **overrides)
@@ -135,7 +138,7 @@ def scenario_sigkill_exact_resume(root: pathlib.Path, dataset: str, total: int =
         if f"step {total}/{total}" in result.stderr or reruns == 3:
             break
     config = tiny_config(dataset, **overrides)
-    assert_same_state(load_state(root / "straight", config), load_state(workdir, config))
+    assert_same_state(load_state(straight, config, total), load_state(workdir, config, total))
     print(f"PASS SIGKILL: resumed after the kill ({reruns} rerun), final state bitwise equal to the straight run")
 
 

@@ -12,11 +12,13 @@ import pathlib
 import sys
 
 if __name__ == "__main__":  # Not when the test imports these helpers: its process keeps its 8 devices.
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    # As in conftest: LLVM's optimisations off, so that each process compiles in half the time.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
     os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from conftest import tiny_config  # noqa: E402  (also sets the test compilation cache)
+import conftest  # noqa: E402,F401  (sets the test compilation cache)
+from helpers import flat_params, tiny_config  # noqa: E402
 
 from ddpm_jax import parallel  # noqa: E402
 
@@ -35,29 +37,21 @@ def train_on_explicit_batches(config, batches):
     """Trains len(batches) steps from the config's init; each process feeds its slice of every global batch."""
     import jax
 
-    from ddpm_jax import train
+    from ddpm_jax import train, train_state
     from ddpm_jax.models import unet
 
     mesh = parallel.make_mesh()
-    model, tx = unet.create_model(config), train.create_optimizer(config)
-    state = train.init_train_state(config, model, tx, mesh)
-    step_fn = train.make_train_step(config, model, train.create_schedule(config), tx, mesh)
+    model = unet.create_model(config)
+    state = train_state.init_train_state(config, model, train_state.create_optimizer(config), mesh)
+    step_fn = train.make_train_step(config, model, mesh)
+    step_fn = train.compile_train_step(step_fn, state, train.batch_spec(config, mesh))
     rows = len(batches[0]) // jax.process_count()
     losses = []
-    for i, batch in enumerate(batches):
-        mine = parallel.global_batch(mesh, batch[jax.process_index() * rows:(jax.process_index() + 1) * rows])
-        if i == 0:
-            step_fn = train.compile_train_step(step_fn, state, mine)
-        state, scalars = step_fn(state, mine)
+    for batch in batches:
+        mine = batch[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+        state, scalars = step_fn(state, {"image": parallel.global_batch(mesh, mine)})
         losses.append(float(parallel.fetch(scalars["loss"])))
     return state, losses
-
-
-def flat_params(params) -> dict:
-    """Parameters as {path: numpy array} for np.savez."""
-    import jax
-
-    return {jax.tree_util.keystr(k): parallel.fetch(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
 
 
 def main() -> None:
@@ -69,7 +63,8 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)  # The test reads the progress and resume lines.
     import numpy as np
 
-    from ddpm_jax import generation, train
+    from ddpm_jax import train
+    from ddpm_jax.modes import sample
 
     assert jax.process_count() == int(num_processes) and jax.device_count() == 4 * int(num_processes)
     outdir = pathlib.Path(outdir)
@@ -83,7 +78,7 @@ def main() -> None:
     workdir = outdir / "workdir"
     config.training.num_train_steps, config.training.checkpoint_every_steps = 4, 2
     state = train.train_and_evaluate(config, str(workdir))
-    paths = generation.sample_from_workdir(config, str(workdir))  # Restores the checkpoint cooperatively.
+    paths = sample.run(config, str(workdir))  # Restores the checkpoint cooperatively.
     if jax.process_index() == 0:
         np.savez(outdir / "trained.npz", **flat_params(state.ema_params))
         (outdir / "sample_paths.txt").write_text("\n".join(paths.values()))

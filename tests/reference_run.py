@@ -28,14 +28,26 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 30
 # The quickstart with a tiny UNet; dropout and flips on, so that every random stream of the train step is used.
+# MODEL fixes every compiled program; the CLI tests use it too, so that their programs come from one cache.
+MODEL = {
+    "data.image_size": 8, "model.ch": 8, "model.ch_mult": (1, 2), "model.num_res_blocks": 1,
+    "model.attn_resolutions": (4,), "model.num_groups": 4, "model.dropout": 0.1, "diffusion.num_timesteps": 50,
+    "training.batch_size": 8, "sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 8,
+    "sampling.num_intermediates": 3,
+}
+
+
+def flag(key: str, value: object) -> str:
+    """--config.KEY=VALUE as the command line takes it; tuples as (a,b) or (a,)."""
+    if isinstance(value, tuple):
+        value = "(" + ",".join(map(str, value)) + ("," if len(value) == 1 else "") + ")"
+    return f"--config.{key}={value}"
+
+
+MODEL_FLAGS = [flag(k, v) for k, v in MODEL.items()]
 FLAGS = [
-    "--config.data.image_size=8", "--config.model.ch=8", "--config.model.ch_mult=(1,2)",
-    "--config.model.num_res_blocks=1", "--config.model.attn_resolutions=(4,)", "--config.model.num_groups=4",
-    "--config.model.dropout=0.1", "--config.diffusion.num_timesteps=50", "--config.training.batch_size=8",
-    f"--config.training.num_train_steps={NUM_STEPS}", "--config.training.log_every_steps=10",
+    *MODEL_FLAGS, f"--config.training.num_train_steps={NUM_STEPS}", "--config.training.log_every_steps=10",
     f"--config.training.checkpoint_every_steps={NUM_STEPS}", f"--config.training.sample_every_steps={NUM_STEPS}",
-    "--config.sampling.method=ddim", "--config.sampling.num_steps=5", "--config.sampling.num_samples=8",
-    "--config.sampling.num_intermediates=3",
 ]
 
 

@@ -1,4 +1,5 @@
-"""Checkpointer over Orbax: exact round trips, restore onto another mesh, retention, and the model-shape check."""
+"""Checkpoints: exact round trips, restore onto another mesh, retention, the model-shape check, damaged checkpoints,
+the EMA restore of the modes, and the workdir checks before training."""
 
 import hashlib
 import json
@@ -9,9 +10,10 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import tiny_config
+from helpers import CLASSES, tiny_config
 
-from ddpm_jax import checkpointing, parallel, train
+from ddpm_jax import checkpointing, parallel, train, train_state
+from ddpm_jax.errors import CheckpointMismatchError, MissingCheckpointError, WorkdirError
 from ddpm_jax.models import unet
 
 SAVED_STEP = 7
@@ -29,7 +31,7 @@ def _config(**model_changes):
 
 def _setup(config):
     model = unet.create_model(config)
-    return model, train.create_optimizer(config)
+    return model, train_state.create_optimizer(config)
 
 
 def _random_state(abstract):
@@ -54,7 +56,7 @@ def saved(tmp_path_factory):
     config = _config()
     model, tx = _setup(config)
     mesh = parallel.make_mesh()
-    abstract = train.abstract_train_state(config, model, tx, mesh)
+    abstract = train_state.abstract_train_state(config, model, tx, mesh)
     state = _random_state(abstract)
     directory = str(tmp_path_factory.mktemp("ckpt") / "checkpoints")
     ckpt = checkpointing.Checkpointer(directory, keep=3)
@@ -90,29 +92,16 @@ def _listing(directory):
     return out
 
 
-def test_abstract_state_is_a_replicated_train_state(saved):
-    abstract, mesh = saved["abstract"], saved["mesh"]
-    assert isinstance(abstract, train.TrainState) and mesh.size == 8
-    assert (abstract.step.shape, abstract.step.dtype) == ((), np.int32)
-    assert jax.tree.structure(abstract.ema_params) == jax.tree.structure(abstract.params)
-    assert checkpointing._shapes_by_path(abstract.ema_params) == checkpointing._shapes_by_path(abstract.params)
-    assert abstract.params["conv_in"]["kernel"].shape == (3, 3, 3, 8)
-    for leaf in jax.tree.leaves(abstract):
-        assert isinstance(leaf, jax.ShapeDtypeStruct)
-        assert leaf.sharding == parallel.replicated(mesh)
-        assert len(leaf.sharding.device_set) == 8
-
-
 def test_save_then_restore_is_bitwise_identical(saved):
     """A fresh Checkpointer (as after a restart) finds the step and gives back every leaf and the config."""
     ckpt = checkpointing.Checkpointer(saved["dir"])
     try:
         assert ckpt.latest_step() == SAVED_STEP and ckpt.all_steps() == [SAVED_STEP]
-        abstract = train.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"])
+        abstract = train_state.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"])
         restored, config = ckpt.restore(SAVED_STEP, abstract)
     finally:
         ckpt.close()
-    assert isinstance(restored, train.TrainState)
+    assert isinstance(restored, train_state.TrainState)
     _assert_bitwise_equal(restored, saved["host"])
     assert int(restored.step) == SAVED_STEP
     # The optimizer state keeps its optax types, so tx.update can consume it after a resume.
@@ -130,7 +119,7 @@ def test_restore_from_eight_devices_onto_one(saved):
     mesh1 = parallel.make_mesh(jax.devices()[:1])
     ckpt = checkpointing.Checkpointer(saved["dir"])
     try:
-        abstract = train.abstract_train_state(saved["config"], saved["model"], saved["tx"], mesh1)
+        abstract = train_state.abstract_train_state(saved["config"], saved["model"], saved["tx"], mesh1)
         restored, _ = ckpt.restore(SAVED_STEP, abstract)
     finally:
         ckpt.close()
@@ -175,12 +164,13 @@ def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
 
 def _wanted_params(saved, changes):
     if changes == "drop mid_attn":
-        params = dict(train.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"]).params)
+        abstract = train_state.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"])
+        params = dict(abstract.params)
         del params["mid_attn"]
         return params
     config = _config(**changes)
     model, tx = _setup(config)
-    return train.abstract_train_state(config, model, tx, saved["mesh"]).params
+    return train_state.abstract_train_state(config, model, tx, saved["mesh"]).params
 
 
 @pytest.mark.parametrize(
@@ -204,7 +194,7 @@ def test_check_compatible_rejects_another_model_and_leaves_the_checkpoint_alone(
     try:
         # The matching model passes, so the check itself reads the metadata rather than always failing.
         ckpt.check_compatible(SAVED_STEP, saved["state"].params)
-        with pytest.raises(checkpointing.CheckpointMismatchError) as err:
+        with pytest.raises(CheckpointMismatchError) as err:
             ckpt.check_compatible(SAVED_STEP, wanted)
     finally:
         ckpt.close()
@@ -235,10 +225,79 @@ def test_fresh_checkpointer_can_check_then_restore(saved):
     assert any(name.startswith(f"{SAVED_STEP}/") for name in before)
     ckpt = checkpointing.Checkpointer(saved["dir"])
     try:
-        abstract = train.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"])
+        abstract = train_state.abstract_train_state(saved["config"], saved["model"], saved["tx"], saved["mesh"])
         ckpt.check_compatible(ckpt.latest_step(), abstract.params)
         restored, _ = ckpt.restore(ckpt.latest_step(), abstract)
     finally:
         ckpt.close()
     _assert_bitwise_equal(restored.params, saved["host"].params)
     assert _listing(saved["dir"]) == before
+
+
+def _damage(step_dir):
+    """Truncates every data file of a saved checkpoint and deletes its state metadata."""
+    for f in step_dir.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.parent.name in ("d", "ocdbt.process_0"):
+            with open(f, "r+b") as fh:
+                fh.truncate(f.stat().st_size // 3)
+    for f in step_dir.rglob("_METADATA"):
+        f.unlink()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_an_intact_one(copy_run, trained_run):
+    """Sampling reads around the damage; training sets it aside and resumes from the intact step, which it keeps."""
+    _, config, _, _ = trained_run
+    ckpts = copy_run / "checkpoints"
+    _damage(ckpts / "40")
+    good = {p: p.stat().st_mtime_ns for p in (ckpts / "20").rglob("*")}
+    _, _, step = checkpointing.restore_ema_params(config, str(copy_run), parallel.make_mesh())
+    assert step == 20 and (ckpts / "40").is_dir()  # Reading never moves anything.
+
+    config = config.copy_and_resolve_references()
+    config.training.fid_every_steps = config.training.sample_every_steps = 0
+    config.training.num_train_steps = 22
+    state = train.train_and_evaluate(config, str(copy_run))
+    assert int(state.step) == 22
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("damaged-40-")]
+    assert {p: p.stat().st_mtime_ns for p in (ckpts / "20").rglob("*")} == good
+    assert {"20", "22"} <= {p.name for p in ckpts.iterdir()}
+
+
+def test_restore_ema_params_needs_checkpoints_of_this_model(tmp_path, conditional_run):
+    mesh = parallel.make_mesh()
+    config = tiny_config("", 8)
+    with pytest.raises(MissingCheckpointError, match="no checkpoints in .*train first with --mode=train"):
+        checkpointing.restore_ema_params(config, str(tmp_path / "empty"), mesh)
+    (tmp_path / "bare" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(MissingCheckpointError, match="no intact checkpoint in"):
+        checkpointing.restore_ema_params(config, str(tmp_path / "bare"), mesh)
+
+    # A conditional checkpoint and an unconditional config, or another class count: one line, the workdir kept.
+    workdir, conditional = conditional_run
+    model, ema, step = checkpointing.restore_ema_params(conditional, str(workdir), mesh)
+    assert step == 4 and ema["label_embed"]["embedding"].shape == (len(CLASSES) + 1, 32)
+    config = tiny_config(str(conditional.data.dataset), 8)
+    with pytest.raises(CheckpointMismatchError) as info:
+        checkpointing.restore_ema_params(config, str(workdir), mesh)
+    assert "the checkpoint has label_embed/embedding, the config does not" in str(info.value)
+    assert "\n" not in str(info.value) and "new --workdir" in str(info.value)
+    config.model.num_classes = 5
+    with pytest.raises(CheckpointMismatchError, match=r"label_embed/embedding is \(4, 32\)"):
+        checkpointing.restore_ema_params(config, str(workdir), mesh)
+
+
+def test_unwritable_workdir_fails_at_start(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(WorkdirError, match="cannot write to --workdir=.*choose a writable directory"):
+        checkpointing.check_workdir(str(blocker / "run"), 1000)
+
+
+def test_full_disk_fails_at_start(tmp_path, monkeypatch):
+    class Usage:
+        total, used, free = 10 << 30, (10 << 30) - (5 << 20), 5 << 20
+
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: Usage)
+    with pytest.raises(WorkdirError, match="5 MiB free but checkpoints of this model need about"):
+        checkpointing.check_workdir(str(tmp_path), 100 << 20)
+    assert os.listdir(tmp_path) == []  # The probe file was removed.

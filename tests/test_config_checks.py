@@ -3,10 +3,11 @@
 import re
 
 import pytest
-from conftest import REPO, tiny_config
+from helpers import REPO, tiny_config
 
 from ddpm_jax import config_checks
-from ddpm_jax.config_checks import ConfigError
+from ddpm_jax.config import load_config_file
+from ddpm_jax.errors import ConfigError, UserError
 
 
 def test_tiny_config_passes(tiny):
@@ -14,13 +15,9 @@ def test_tiny_config_passes(tiny):
     config_checks.validate(tiny, num_devices=1)
 
 
-def test_default_config_passes():
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from configs import default
-
-    config_checks.validate(default.get_config(), num_devices=8, process_count=2)
+@pytest.mark.parametrize("name", ["default", "quickstart", "quickstart_conditional", "butterflies", "cifar10"])
+def test_every_shipped_config_passes(name):
+    config_checks.validate(load_config_file(REPO / "configs" / f"{name}.py"), num_devices=8, process_count=2)
 
 
 def _set(path, value):
@@ -166,5 +163,48 @@ def test_steps_per_dispatch_accepts_multiples_and_intervals_that_are_off():
     config_checks.validate(config, num_devices=8)
 
 
-def test_config_error_is_a_value_error():
-    assert issubclass(ConfigError, ValueError)
+def test_config_error_is_a_user_error_and_a_value_error():
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("inpaint.jump_length", 0, "inpaint.jump_length=0 must be a positive integer"),
+    ("inpaint.resample_count", -1, "inpaint.resample_count=-1 must be a positive integer"),
+    ("inpaint.mask", " ", "inpaint.mask is empty"),
+    ("edit.strength", 1.5, r"edit.strength=1.5 must be in \[0, 1\]"),
+    ("edit.noise_sigma", -0.1, "edit.noise_sigma=-0.1 must be >= 0"),
+    ("edit.num_images", 0, "edit.num_images=0 must be a positive integer"),
+    ("eval.variance", "learned", "accepted: fixed_small, fixed_large"),
+    ("eval.num_examples", -1, "0: the whole split"),
+    ("eval.batch_size", 0, "eval.batch_size=0 must be positive"),
+    ("eval.split", "", "must name a split"),
+    ("eval.fid_num_samples", 1, "eval.fid_num_samples=1 must be at least 2"),
+])
+def test_editing_and_evaluation_keys(key, value, message):
+    config = tiny_config("", 8)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=message):
+        config_checks.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sampling.class_label", 3, "class in [0, 2]"),
+    ("training.label_dropout", 1.0, "must be in [0, 1)"),
+    ("data.class_names", ("a", "b"), "has 2 names but model.num_classes=3"),
+])
+def test_class_conditioning_keys(key, value, message):
+    config = tiny_config()
+    config.model.num_classes = 3
+    config_checks.validate(config, num_devices=1)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_checks.validate(config, num_devices=1)
+
+
+def test_guidance_needs_a_conditional_model():
+    config = tiny_config()
+    config.sampling.guidance_scale = 2.0
+    with pytest.raises(ConfigError, match="needs a class-conditional model"):
+        config_checks.validate(config, num_devices=1)

@@ -8,11 +8,11 @@ import pathlib
 
 import nbformat
 import numpy as np
-from conftest import _CACHE, REPO
+from helpers import CACHE, REPO
 from nbclient import NotebookClient
 from PIL import Image
 
-from ddpm_jax import metrics
+from ddpm_jax import metric_writers
 
 NOTEBOOK = REPO / "notebooks" / "ddpm_jax_colab.ipynb"
 
@@ -44,8 +44,8 @@ def test_notebook_trains_plots_and_samples_headless(tmp_path, butterflies_dir):
         # The kernel is a fresh process: CPU only, 8 devices and the compile cache as in conftest. Its tiny setting
         # is tiny_config at 8x8, so it reuses the programs other tests compiled (26 s warm, 80 s with a cold cache).
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_COMPILATION_CACHE_DIR": str(_CACHE / "jax"),
+        "XLA_FLAGS": os.environ["XLA_FLAGS"],  # This process's (conftest's and the defaults'): the same programs.
+        "JAX_COMPILATION_CACHE_DIR": str(CACHE / "jax"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
     }
@@ -71,7 +71,7 @@ def test_notebook_trains_plots_and_samples_headless(tmp_path, butterflies_dir):
     with np.load(workdir / "samples" / "step_0000006_ddim5_eta0.npz") as data:
         assert data["samples"].shape == (8, 8, 8, 3) and data["samples"].dtype == np.uint8
 
-    steps, loss = metrics.read_scalars(str(workdir))["loss"]
+    steps, loss = metric_writers.read_scalars(str(workdir))["loss"]
     assert steps.tolist() == [2, 4, 6] and np.isfinite(loss).all()
     assert json.loads((workdir / "config.json").read_text())["data"]["dataset"] == str(butterflies_dir)
     assert pathlib.Path(workdir / "checkpoints" / "6").is_dir()

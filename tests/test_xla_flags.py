@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from ddpm_jax import xla_flags
 
@@ -39,20 +39,18 @@ import json, sys
 sys.path.insert(0, {repo!r})
 from ddpm_jax import xla_flags
 xla_flags.apply_defaults()
-import jax, jax.numpy as jnp, numpy as np
-sys.path.insert(0, {tests!r})
-from conftest import tiny_config
+import jax, jax.flatten_util, jax.numpy as jnp, numpy as np
 from ddpm_jax.models import unet
-config = tiny_config(image_size=16)
-config.model.ch_mult = (1, 2, 2)
-model = unet.create_model(config)
-x = jax.random.normal(jax.random.PRNGKey(0), (4, 16, 16, 3))
+model = unet.UNet(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4, dropout=0.0)
+x = jax.random.normal(jax.random.PRNGKey(0), (4, 8, 8, 3))
 t = jnp.array([0, 10, 50, 99])
-params = model.init(jax.random.PRNGKey(1), x, t)
-# Non-zero output layers, so that every parameter has a gradient worth comparing.
-params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
-out = model.apply(params, x, t)
-grads = jax.grad(lambda p: jnp.mean((model.apply(p, x, t) - x) ** 2))(params)
+# Random parameters everywhere (no zero-initialised output layers), so every gradient is worth comparing; one draw
+# for all of them, and everything compiled: eager UNet code or a draw per leaf costs minutes of XLA:CPU compiles.
+shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), x, t)
+flat, unravel = jax.flatten_util.ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+params = unravel(0.1 * jax.random.normal(jax.random.PRNGKey(2), flat.shape))
+out, grads = jax.jit(lambda p: (model.apply(p, x, t),
+                                jax.grad(lambda q: jnp.mean((model.apply(q, x, t) - x) ** 2))(p)))(params)
 np.savez({path!r}, out=np.asarray(out), **{{"/".join(str(k.key) for k in path): np.asarray(g)
          for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}})
 print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))

@@ -15,8 +15,9 @@ import os
 import sys
 
 import numpy as np
+from flax import traverse_util
 
-from ddpm_jax import inception
+from ddpm_jax.evaluation import inception
 
 
 def load_torch_state_dict(pth: str | None) -> dict[str, np.ndarray]:
@@ -37,8 +38,6 @@ def convert(state_dict: dict[str, np.ndarray], out: str) -> str:
     """Maps, checks and writes the weights; returns the path written."""
     arrays = inception.torch_to_flax(state_dict)
     inception.check_arrays(arrays, "converted weights")
-    from flax import traverse_util
-
     return inception.save_variables(out, traverse_util.unflatten_dict(arrays, sep="/"))
 
 
