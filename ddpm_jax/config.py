@@ -73,6 +73,11 @@ def get_config() -> ml_collections.ConfigDict:
     training.skip_nonfinite_updates = False
     # K optimizer steps per compiled call (a lax.scan); K uint8 batches sit on device at once, the state is not copied.
     training.steps_per_dispatch = 1
+    # Weights of the per-timestep loss: none (DDPM's simple loss) | min_snr (Hang et al. 2023: min(SNR, gamma) on the
+    # x0 error, converted to the prediction target) | p2 (Choi et al. 2022: 1 / (1 + SNR)^p2_gamma on the eps error).
+    training.loss_weighting = "none"
+    training.min_snr_gamma = 5.0
+    training.p2_gamma = 1.0
     # Class-conditional models: fraction of examples trained with the null label, so that one network also learns the
     # unconditional model that classifier-free guidance needs (Ho & Salimans 2022 use 0.1 to 0.2).
     training.label_dropout = 0.1
@@ -81,8 +86,14 @@ def get_config() -> ml_collections.ConfigDict:
     training.fid_num_samples = 5_000  # Fewer than --mode=fid's eval.fid_num_samples: compare only equal counts.
 
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "ddpm"  # ddpm (ancestral, all T steps) | ddim (sampling.num_steps respaced steps)
-    sampling.num_steps = 100  # DDIM steps.
+    # ddpm: ancestral, all T steps. The others take sampling.num_steps steps: ddim; heun (Karras et al.'s 2nd-order
+    # ODE step, 2 network evaluations a step); dpm_solver++ (DPM-Solver++ multistep, order solver_order); unipc (UniPC
+    # bh2 predictor-corrector, order solver_order). README "Sampling" has the measured quality per step count.
+    sampling.method = "ddpm"
+    sampling.num_steps = 100  # Steps of every method but ddpm.
+    # Which timesteps they visit (diffusers' names): linspace (T-1 .. 0 evenly) | leading | trailing | karras.
+    sampling.timestep_spacing = "linspace"
+    sampling.solver_order = 2  # dpm_solver++: 1, 2 (2M) or 3 (3M); unipc: 1 or 2.
     sampling.eta = 0.0  # DDIM stochasticity: 0 is deterministic, 1 matches DDPM's posterior variance.
     sampling.num_samples = 64
     sampling.batch_size = 256  # Samples per compiled call (rounded to a multiple of the device count).

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from ddpm_jax import builders
 from ddpm_jax import config as default_config
-from ddpm_jax.diffusion import likelihood, samplers, schedule
+from ddpm_jax.diffusion import likelihood, losses, samplers, schedule, timesteps
 from ddpm_jax.diffusion.parameterization import PREDICTIONS
 from ddpm_jax.errors import ConfigError
 
@@ -83,13 +84,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         _require(t[key] <= 0 or t[key] % k == 0, f"training.{key}={t[key]} must be a multiple of "
                                                  f"training.steps_per_dispatch={k} (training runs {k} steps per call)")
     _require(0.0 <= t.ema_decay < 1.0, f"training.ema_decay={t.ema_decay} must be in [0, 1)")
+    _require(t.loss_weighting in losses.WEIGHTINGS, f"unknown training.loss_weighting {t.loss_weighting!r}; "
+                                                    f"accepted: {', '.join(losses.WEIGHTINGS)}")
+    _require(t.min_snr_gamma > 0 and t.p2_gamma > 0,
+             f"training.min_snr_gamma={t.min_snr_gamma} and training.p2_gamma={t.p2_gamma} must be positive")
 
-    _require(s.method in samplers.METHODS,
-             f"unknown sampling.method {s.method!r}; accepted: {', '.join(samplers.METHODS)}")
-    _require(
-        1 <= s.num_steps <= diff.num_timesteps,
-        f"sampling.num_steps={s.num_steps} must be between 1 and diffusion.num_timesteps={diff.num_timesteps}",
-    )
+    _check_sampling(config)
     _require(s.eta >= 0, f"sampling.eta={s.eta} must be >= 0")
     _require(s.num_samples > 0 and s.batch_size > 0, "sampling.num_samples and sampling.batch_size must be positive")
     _require(s.num_intermediates >= 0, f"sampling.num_intermediates={s.num_intermediates} must be >= 0")
@@ -102,6 +102,28 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
              f"unknown eval.variance {ev.variance!r}; accepted: {', '.join(likelihood.VARIANCES)}")
     _check_fid(config)
     _check_editing(config)
+
+
+def _check_sampling(config: ml_collections.ConfigDict) -> None:
+    """The method, its steps, spacing and order, and the grid they make (karras can run out of timesteps)."""
+    s, diff = config.sampling, config.diffusion
+    _require(s.method in samplers.METHODS,
+             f"unknown sampling.method {s.method!r}; accepted: {', '.join(samplers.METHODS)}")
+    _require(
+        1 <= s.num_steps <= diff.num_timesteps,
+        f"sampling.num_steps={s.num_steps} must be between 1 and diffusion.num_timesteps={diff.num_timesteps}",
+    )
+    _require(s.timestep_spacing in timesteps.SPACINGS, f"unknown sampling.timestep_spacing {s.timestep_spacing!r}; "
+                                                       f"accepted: {', '.join(timesteps.SPACINGS)}")
+    highest = {"dpm_solver++": 3, "unipc": 2}.get(s.method, 3)
+    _require(isinstance(s.solver_order, int) and 1 <= s.solver_order <= highest,
+             f"sampling.solver_order={s.solver_order} must be 1 to {highest} for sampling.method={s.method}")
+    if s.method != "ddpm" and diff.schedule in schedule.SCHEDULES and diff.num_timesteps > 1:
+        try:
+            samplers.method_timesteps(builders.create_parameterization(config), s.method, s.num_steps,
+                                      s.timestep_spacing)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
 
 
 def _check_editing(config: ml_collections.ConfigDict) -> None:

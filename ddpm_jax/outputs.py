@@ -118,9 +118,16 @@ def load_class_names(config: ml_collections.ConfigDict, workdir: str) -> tuple[s
 
 
 def sampler_label(config: ml_collections.ConfigDict) -> str:
-    """ddpm<T> or ddim<steps>_eta<eta>, with _w<guidance> for class-conditional models: names sample and FID files."""
+    """The sampler in file names: ddpm<T>, ddim<N>_eta<eta>, heun<N>, dpmpp<k>m<N>, unipc<k>_<N>; then _<spacing>
+    unless linspace, and _w<guidance> for class-conditional models."""
     s = config.sampling
-    label = f"ddpm{config.diffusion.num_timesteps}" if s.method == "ddpm" else f"ddim{s.num_steps}_eta{s.eta:g}"
+    label = {
+        "ddpm": f"ddpm{config.diffusion.num_timesteps}", "ddim": f"ddim{s.num_steps}_eta{s.eta:g}",
+        "heun": f"heun{s.num_steps}", "dpm_solver++": f"dpmpp{s.solver_order}m{s.num_steps}",
+        "unipc": f"unipc{s.solver_order}_{s.num_steps}",
+    }[s.method]
+    if s.method != "ddpm" and s.timestep_spacing != "linspace":
+        label += f"_{s.timestep_spacing}"
     return label + (f"_w{s.guidance_scale:g}" if config.model.num_classes > 0 else "")
 
 

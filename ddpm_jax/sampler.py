@@ -57,8 +57,8 @@ def sharded_denoiser(
 def make_sampler(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh) -> Sampler:
     """Compiled sampler (params, key, batch[, labels]) -> (uint8 samples, uint8 frames), batch split over devices.
 
-    Samples with config.sampling's method, steps, eta, clipping and frames; labels (int32 (batch,), class-conditional
-    models only) are sampled with sampling.guidance_scale.
+    Samples with config.sampling's method, steps, spacing, order, eta, clipping and frames; labels (int32 (batch,),
+    class-conditional models only) are sampled with sampling.guidance_scale.
     """
     s = config.sampling
     size = config.data.image_size
@@ -69,7 +69,8 @@ def make_sampler(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.
     def run(params: Any, key: jax.Array, batch: int, labels: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         denoise = sharded_denoiser(model, params, mesh, labels=labels, guidance_scale=s.guidance_scale)
         x, frames = samplers.sample(denoise, param, key, (batch, size, size, 3), method=s.method,
-                                    num_steps=s.num_steps, eta=s.eta, num_intermediates=s.num_intermediates)
+                                    num_steps=s.num_steps, eta=s.eta, timestep_spacing=s.timestep_spacing,
+                                    solver_order=s.solver_order, num_intermediates=s.num_intermediates)
         return pixels.to_uint8(x), pixels.to_uint8(frames)
 
     return run

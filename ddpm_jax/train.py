@@ -91,7 +91,9 @@ def train_step(
         def apply(x: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
             return model.apply({"params": params}, x, t, labels=labels, train=True, rngs={"dropout": dropout_key})
 
-        local_loss = losses.diffusion_loss(apply, param, x0, t, noise)
+        t_cfg = config.training
+        gamma = t_cfg.min_snr_gamma if t_cfg.loss_weighting == "min_snr" else t_cfg.p2_gamma
+        local_loss = losses.diffusion_loss(apply, param, x0, t, noise, t_cfg.loss_weighting, gamma)
         # Every device holds the same number of examples, so the mean of per-device means is the global mean.
         return jax.lax.pmean(local_loss, axis_name)
 

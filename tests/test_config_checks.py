@@ -208,3 +208,27 @@ def test_guidance_needs_a_conditional_model():
     config.sampling.guidance_scale = 2.0
     with pytest.raises(ConfigError, match="needs a class-conditional model"):
         config_checks.validate(config, num_devices=1)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("sampling.timestep_spacing", "uniform", "unknown sampling.timestep_spacing 'uniform'; accepted: linspace, "
+                                             "leading, trailing, karras"),
+    ("sampling.solver_order", 4, "sampling.solver_order=4 must be 1 to 3 for sampling.method=dpm_solver++"),
+    ("training.loss_weighting", "snr", "unknown training.loss_weighting 'snr'; accepted: none, min_snr, p2"),
+    ("training.min_snr_gamma", 0.0, "training.min_snr_gamma=0.0 and training.p2_gamma=1.0 must be positive"),
+])
+def test_sampler_and_loss_weighting_keys(key, value, message):
+    config = tiny_config("", 8)
+    config.sampling.method = "dpm_solver++"
+    config_checks.validate(config, num_devices=1)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_checks.validate(config, num_devices=1)
+
+
+def test_unipc_goes_to_order_two():
+    config = tiny_config("", 8)
+    config.sampling.method, config.sampling.solver_order = "unipc", 3
+    with pytest.raises(ConfigError, match=E("sampling.solver_order=3 must be 1 to 2 for sampling.method=unipc")):
+        config_checks.validate(config, num_devices=1)

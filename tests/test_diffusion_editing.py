@@ -52,7 +52,7 @@ def test_plain_descent_without_jumps():
 
 
 def test_timestep_moves_on_a_respaced_grid():
-    grid = editing.step_grid(1000, "ddim", 10)
+    grid = editing.step_grid(Parameterization(sch.make_schedule("linear", 1000)), "ddim", 10)
     np.testing.assert_array_equal(grid, [0, 111, 222, 333, 444, 555, 666, 777, 888, 999])
     moves = editing.timestep_moves(editing.jump_schedule(10, 2, 2), grid)
     assert tuple(moves[0]) == (999, 888) and tuple(moves[-1]) == (0, -1)
@@ -60,7 +60,8 @@ def test_timestep_moves_on_a_respaced_grid():
     assert {(a, b) for a, b in moves if b > a} <= {(b, a) for a, b in moves if b < a}  # Up moves undo down moves.
     np.testing.assert_array_equal(editing.descent_moves(500, grid), [[500, 444], [444, 333], [333, 222], [222, 111],
                                                                       [111, 0], [0, -1]])
-    np.testing.assert_array_equal(editing.step_grid(50, "ddpm", None), np.arange(50))
+    np.testing.assert_array_equal(editing.step_grid(Parameterization(sch.make_schedule("linear", 50)), "ddpm", None),
+                                  np.arange(50))
     assert editing.descent_moves(-1, grid).shape == (0, 2)  # Already clean: nothing to do.
 
 
@@ -209,3 +210,22 @@ def test_a_descent_from_pure_noise_is_the_sampler_itself():
     walked = editing.denoise_from(gaussian_eps_denoiser(s), param, jax.random.PRNGKey(9), x_T, 99, method="ddim",
                                   num_steps=10)
     np.testing.assert_allclose(walked, sampled, rtol=0, atol=1e-6)
+
+
+def test_multistep_methods_denoise_but_cannot_walk_back_up():
+    """SDEdit and denoising are a plain descent, which every method runs; RePaint's jumps need single steps."""
+    s = sch.make_schedule("cosine", 100)
+    param = Parameterization(s, clip_denoised=False)
+    x0 = jnp.asarray(np.random.default_rng(4).normal(MU, STD, (256, 2, 2, 1)), jnp.float32)
+    for method in ("dpm_solver++", "unipc", "heun"):
+        _, out = jax.jit(lambda x, m=method: editing.sdedit(gaussian_eps_denoiser(s), param, jax.random.PRNGKey(5), x,
+                                                           60, method=m, num_steps=20,
+                                                           timestep_spacing="trailing"))(x0)
+        out = np.asarray(out)
+        assert abs(out.mean() - MU) < 0.03 and abs(out.std() - STD) < 0.03, (method, out.mean(), out.std())
+    keep = jnp.ones((256, 2, 2, 1))
+    with pytest.raises(ValueError, match="multistep and has no single step; the methods with one are ddpm, ddim, heun"):
+        editing.inpaint(gaussian_eps_denoiser(s), param, jax.random.PRNGKey(0), x0, keep, method="unipc", num_steps=10)
+    heun = np.asarray(editing.inpaint(gaussian_eps_denoiser(s), param, jax.random.PRNGKey(0), x0, keep * 0,
+                                      method="heun", num_steps=10, jump_length=2, resample_count=2))
+    assert np.isfinite(heun).all() and abs(heun.mean() - MU) < 0.05  # Heun walks up and down like DDIM.

@@ -105,3 +105,39 @@ def test_builders_bind_config_diffusion():
     assert (param.prediction, param.clip_denoised, param.num_timesteps) == ("v", False, 50)
     np.testing.assert_array_equal(param.schedule.betas, sch.make_schedule("cosine", 50).betas)
     assert jax.tree.leaves(param) == jax.tree.leaves(param.schedule)  # Only the tables are pytree leaves.
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_loss_weights_are_the_papers_closed_forms(draws, prediction):
+    s, x0, eps, t, _ = draws
+    param = Parameterization(s, prediction)
+    ab = np.asarray(s.alphas_cumprod, np.float64)[np.asarray(t)]
+    snr = ab / (1 - ab)
+    np.testing.assert_allclose(losses.snr(s, t), snr, rtol=1e-5)
+    # Min-SNR-gamma (Hang et al. 2023, eq. 8 and its table): min(SNR, 5) / SNR for eps, min(SNR, 5) for x0,
+    # min(SNR, 5) / (SNR + 1) for v.
+    min_snr = {"eps": np.minimum(snr, 5) / snr, "x0": np.minimum(snr, 5), "v": np.minimum(snr, 5) / (snr + 1)}
+    np.testing.assert_allclose(losses.loss_weights(param, t, "min_snr", 5.0), min_snr[prediction], rtol=1e-5)
+    # P2 (Choi et al. 2022), k = 1: 1 / (1 + SNR)^gamma on the eps error, carried to x0 and v by the same factors.
+    p2 = 1 / (1 + snr) ** 0.5 * {"eps": 1.0, "x0": snr, "v": snr / (snr + 1)}[prediction]
+    np.testing.assert_allclose(losses.loss_weights(param, t, "p2", 0.5), p2, rtol=1e-5)
+    np.testing.assert_array_equal(losses.loss_weights(param, t, "none", 5.0), np.ones(4))
+
+
+def test_weighted_losses_weigh_each_examples_mean_error(draws):
+    s, x0, eps, t, _ = draws
+    param = Parameterization(s, "eps")
+
+    def network(x, tb):  # A fixed wrong output: a different error per example.
+        return eps * jnp.arange(1.0, 5.0)[:, None, None, None]
+
+    per_example = np.mean((np.asarray(eps) * np.arange(0.0, 4.0)[:, None, None, None]) ** 2, axis=(1, 2, 3))
+    weights = np.asarray(losses.loss_weights(param, t, "min_snr", 5.0))
+    np.testing.assert_allclose(losses.diffusion_loss(network, param, x0, t, eps, "min_snr", 5.0),
+                               np.mean(weights * per_example), rtol=1e-5)
+    # "none" is today's loss, bit for bit: one mean over the batch and all pixels.
+    plain = jnp.mean(jnp.square(network(None, t) - eps))
+    np.testing.assert_array_equal(losses.diffusion_loss(network, param, x0, t, eps), plain)
+    np.testing.assert_array_equal(losses.diffusion_loss(network, param, x0, t, eps, "none", 5.0), plain)
+    with pytest.raises(ValueError, match="accepted: none, min_snr, p2"):
+        losses.diffusion_loss(network, param, x0, t, eps, "snr", 5.0)

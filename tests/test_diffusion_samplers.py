@@ -52,13 +52,14 @@ def test_intermediate_frames_run_from_noise_to_the_sample():
 
 def test_timesteps_of_each_method_and_validation():
     np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 1000), np.arange(999, -1, -1))
-    np.testing.assert_array_equal(samplers.timesteps(1000, "ddpm"), np.arange(999, -1, -1))
-    ts = samplers.timesteps(1000, "ddim", 10)
+    param = Parameterization(sch.make_schedule("linear", 1000))
+    np.testing.assert_array_equal(samplers.method_timesteps(param, "ddpm"), np.arange(999, -1, -1))
+    ts = samplers.method_timesteps(param, "ddim", 10)
     assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 10 and np.all(np.diff(ts) < 0)
     np.testing.assert_array_equal(ts, samplers.ddim_timesteps(1000, 10))
     with pytest.raises(ValueError, match="num_steps"):
         samplers.ddim_timesteps(1000, 1001)
-    with pytest.raises(ValueError, match="accepted: ddpm, ddim"):
+    with pytest.raises(ValueError, match=r"accepted: ddpm, ddim, heun, dpm_solver\+\+, unipc"):
         samplers.sample(lambda x, t: x, Parameterization(sch.make_schedule()), jax.random.PRNGKey(0), (1, 2),
                         method="euler")
 

@@ -40,4 +40,7 @@ def test_bad_inputs_fail_before_anything_is_compiled(copy_run, trained_run, tmp_
     config.inpaint.mask, config.inpaint.jump_length = "center", 5
     with pytest.raises(ConfigError, match="inpaint.jump_length=5 must be below the 5 steps"):
         inpaint_mode.run(config, str(copy_run))
+    config.inpaint.jump_length, config.sampling.method = 2, "dpm_solver++"
+    with pytest.raises(ConfigError, match="cannot use sampling.method=dpm_solver\\+\\+.*use one of ddpm, ddim, heun"):
+        inpaint_mode.run(config, str(copy_run))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in samples.iterdir()) == before  # Nothing written.

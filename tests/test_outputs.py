@@ -137,6 +137,13 @@ def test_sampler_label_names_method_steps_eta_and_guidance():
     assert outputs.sampler_label(config) == "ddim20_eta0.5"
     config.model.num_classes, config.sampling.guidance_scale = 3, 1.5
     assert outputs.sampler_label(config) == "ddim20_eta0.5_w1.5"
+    config.model.num_classes = 0
+    config.sampling.method, config.sampling.timestep_spacing = "dpm_solver++", "trailing"
+    assert outputs.sampler_label(config) == "dpmpp2m20_trailing"
+    config.sampling.method, config.sampling.solver_order = "unipc", 1
+    assert outputs.sampler_label(config) == "unipc1_20_trailing"
+    config.sampling.method, config.sampling.timestep_spacing = "heun", "linspace"
+    assert outputs.sampler_label(config) == "heun20"
 
 
 def test_write_samples_writes_grid_npz_strip_and_captions(tmp_path):

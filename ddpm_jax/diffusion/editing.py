@@ -58,9 +58,9 @@ def jump_schedule(num_steps: int, jump_length: int, resample_count: int) -> np.n
     return np.asarray(moves, np.int32).reshape(-1, 2)
 
 
-def step_grid(num_timesteps: int, method: str, num_steps: int | None) -> np.ndarray:
-    """Ascending timesteps the sampler visits: all of 0..T-1 for "ddpm", the respaced DDIM steps for "ddim"."""
-    return samplers.timesteps(num_timesteps, method, num_steps)[::-1].copy()
+def step_grid(param: Parameterization, method: str, num_steps: int | None, spacing: str = "linspace") -> np.ndarray:
+    """Ascending timesteps the sampler visits: all of 0..T-1 for "ddpm", else num_steps spaced by `spacing`."""
+    return samplers.method_timesteps(param, method, num_steps, spacing)[::-1].copy()
 
 
 def timestep_moves(index_moves: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -130,8 +130,9 @@ def walk(
 ) -> jnp.ndarray:
     """Runs the moves (t, t_next) from x at moves[0, 0] as one lax.scan; returns x at the last t_next.
 
-    Moves down are the reverse step of `method` (`samplers.reverse_step`: "ddpm" walks unit steps only, "ddim" with
-    `eta` goes between any two timesteps). Moves up sample q(x_t_next | x_t). With `known` (clean images) and `keep`
+    Moves down are the single step of `method` (`samplers.reverse_step`: "ddpm" walks unit steps only, "ddim" with
+    `eta` and "heun" go between any two timesteps; multistep methods cannot follow a path that goes back up). Moves
+    up sample q(x_t_next | x_t). With `known` (clean images) and `keep`
     (1 where kept, broadcast against x), every move down ends by replacing the kept pixels with q_sample(known,
     t_next), or known at t_next = -1.
     """
@@ -178,16 +179,17 @@ def inpaint(
     method: str = "ddpm",
     num_steps: int | None = None,
     eta: float = 0.0,
+    timestep_spacing: str = "linspace",
     jump_length: int = 10,
     resample_count: int = 10,
 ) -> jnp.ndarray:
     """RePaint: fills the pixels of x0 (in [-1, 1]) where keep == 0 so they agree with the kept ones.
 
     `keep` is 1 where x0 is kept, broadcast against x0 (e.g. (B, H, W, 1)). method "ddpm" walks all T steps, "ddim"
-    `num_steps` respaced steps with stochasticity `eta`; `jump_length` and `resample_count` are RePaint's j and r.
-    The kept pixels of the result equal x0.
+    (with stochasticity `eta`) and "heun" `num_steps` steps spaced by `timestep_spacing`; `jump_length` and
+    `resample_count` are RePaint's j and r. The kept pixels of the result equal x0.
     """
-    grid = step_grid(param.num_timesteps, method, num_steps)
+    grid = step_grid(param, method, num_steps, timestep_spacing)
     moves = timestep_moves(jump_schedule(len(grid), jump_length, resample_count), grid)
     keep = keep.astype(x0.dtype)
     init_rng, walk_rng = jax.random.split(rng)
@@ -207,16 +209,21 @@ def denoise_from(
     method: str = "ddpm",
     num_steps: int | None = None,
     eta: float = 0.0,
+    timestep_spacing: str = "linspace",
+    solver_order: int = 2,
 ) -> jnp.ndarray:
     """Runs the reverse process from x_t at step t_start (-1: already clean, returned as is) down to x_0.
 
-    "ddpm" takes every step t_start .. 0; "ddim" goes to the largest respaced step below t_start, then along the
-    respaced steps, about (t_start + 1) / T * num_steps network evaluations.
+    "ddpm" takes every step t_start .. 0; the other methods go to the largest grid step below t_start, then along
+    the grid, about (t_start + 1) / T * num_steps steps. Single-step methods walk the moves (`walk`), multistep
+    ones (dpm_solver++, unipc) run `samplers.descend` from x_t.
     """
     if not -1 <= t_start < param.num_timesteps:
         raise ValueError(f"t_start={t_start} must be in [-1, {param.num_timesteps - 1}]")
-    moves = descent_moves(t_start, step_grid(param.num_timesteps, method, num_steps))
-    return walk(denoise_fn, param, rng, x_t, moves, method=method, eta=eta)
+    moves = descent_moves(t_start, step_grid(param, method, num_steps, timestep_spacing))
+    if method in samplers.SINGLE_STEP or len(moves) == 0:
+        return walk(denoise_fn, param, rng, x_t, moves, method=method, eta=eta)
+    return samplers.descend(denoise_fn, param, rng, x_t, moves[:, 0], method=method, solver_order=solver_order)[0]
 
 
 def sdedit(
@@ -230,7 +237,7 @@ def sdedit(
     """SDEdit: noises x0 to step t_start with q_sample and denoises it back; returns (x_t_start, edited x_0).
 
     t_start = -1 returns x0 unchanged; t_start = T - 1 starts from (nearly) pure noise, so the result hardly depends
-    on x0. Keyword arguments go to `denoise_from` (method, num_steps, eta).
+    on x0. Keyword arguments go to `denoise_from` (method, num_steps, eta, timestep_spacing, solver_order).
     """
     noise_rng, walk_rng = jax.random.split(rng)
     if t_start < 0:

@@ -20,9 +20,9 @@ def start(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, jax.sha
 
 
 def reverse_steps(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The reverse-step settings --mode=inpaint and --mode=edit share with --mode=sample: method, steps, eta."""
+    """The sampler settings --mode=inpaint and --mode=edit share with --mode=sample: method, steps, eta, spacing."""
     s = config.sampling
-    return {"method": s.method, "num_steps": s.num_steps, "eta": s.eta}
+    return {"method": s.method, "num_steps": s.num_steps, "eta": s.eta, "timestep_spacing": s.timestep_spacing}
 
 
 def run_on_images(

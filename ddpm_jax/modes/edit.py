@@ -35,12 +35,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     workdir, mesh = common.start(config, workdir)
     c = config.edit
     param = builders.create_parameterization(config, config.sampling.clip_denoised)
-    steps = common.reverse_steps(config)
+    steps, order = common.reverse_steps(config), config.sampling.solver_order
     t_start, what = _start_step(config, np.asarray(param.schedule.alphas_cumprod))
     originals, _ = data.load_inputs(config, c.images, c.num_images, "edit.images")
 
     model, ema_params, step = checkpointing.restore_ema_params(config, workdir, mesh)
-    grid = editing.step_grid(param.num_timesteps, steps["method"], steps["num_steps"])
+    grid = editing.step_grid(param, steps["method"], steps["num_steps"], steps["timestep_spacing"])
     logging.info("%s, %d network evaluations with %s", what, len(editing.descent_moves(t_start, grid)),
                  steps["method"])
 
@@ -52,9 +52,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
             noise_key, walk_key = jax.random.split(key)
             x_t = editing.noisy_to_x_t(param.schedule, x, t_start, c.noise_sigma,
                                        jax.random.normal(noise_key, x.shape))
-            out = editing.denoise_from(denoise, param, walk_key, x_t, t_start, **steps)
+            out = editing.denoise_from(denoise, param, walk_key, x_t, t_start, solver_order=order, **steps)
         else:
-            x_t, out = editing.sdedit(denoise, param, key, x, t_start, **steps)
+            x_t, out = editing.sdedit(denoise, param, key, x, t_start, solver_order=order, **steps)
         return pixels.to_uint8(x_t), pixels.to_uint8(out)
 
     started, results = common.run_on_images(edit, ema_params, rng.editing_key(c.seed), [originals], config, mesh)

@@ -13,7 +13,7 @@ from absl import logging
 
 from ddpm_jax import builders, checkpointing, data, fileio, outputs, parallel, pixels, rng, sampler
 from ddpm_jax.data import masks
-from ddpm_jax.diffusion import editing
+from ddpm_jax.diffusion import editing, samplers
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.modes import common
 
@@ -23,7 +23,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     workdir, mesh = common.start(config, workdir)
     c, size = config.inpaint, config.data.image_size
     steps = common.reverse_steps(config)
-    grid = editing.step_grid(config.diffusion.num_timesteps, steps["method"], steps["num_steps"])
+    if steps["method"] not in samplers.SINGLE_STEP:
+        raise ConfigError(
+            f"--mode=inpaint cannot use sampling.method={steps['method']}: RePaint walks back up the steps, which a "
+            f"multistep solver cannot follow; use one of {', '.join(samplers.SINGLE_STEP)}"
+        )
+    param = builders.create_parameterization(config, config.sampling.clip_denoised)
+    grid = editing.step_grid(param, steps["method"], steps["num_steps"], steps["timestep_spacing"])
     if c.resample_count > 1 and c.jump_length >= len(grid):
         raise ConfigError(
             f"inpaint.jump_length={c.jump_length} must be below the {len(grid)} steps of sampling.method="
@@ -41,8 +47,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     moves = editing.jump_schedule(len(grid), c.jump_length, c.resample_count)
     logging.info("inpainting %d images with %s: %d steps, jump length %d, %d resamplings: %d network evaluations",
                  len(originals), steps["method"], len(grid), c.jump_length, c.resample_count,
-                 int((moves[:, 1] == editing.DOWN).sum()))
-    param = builders.create_parameterization(config, config.sampling.clip_denoised)
+                 int((moves[:, 1] == editing.DOWN).sum()) * (2 if steps["method"] == "heun" else 1))
 
     @functools.partial(jax.jit, out_shardings=(parallel.batch_sharded(mesh),))
     def inpaint(params: Any, key: jax.Array, images_u8: jax.Array, keep_mask: jax.Array) -> tuple[jax.Array]:
