@@ -20,6 +20,13 @@ from PIL import Image
 from ddpm_jax import fileio
 
 CLASSES_FILE = "classes.json"  # Written into the workdir at training time: captions for --mode=sample.
+MIN_TILE = 64  # Pictures show each image at least this many pixels wide (nearest neighbour); arrays keep the size.
+
+
+def enlarge(images: np.ndarray, min_side: int = MIN_TILE) -> np.ndarray:
+    """uint8 images (..., H, W, C) repeated k x k times (k the smallest whole factor with k * min(H, W) >= min_side)."""
+    k = max(1, math.ceil(min_side / min(images.shape[-3:-1])))
+    return np.repeat(np.repeat(images, k, axis=-3), k, axis=-2) if k > 1 else images
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
@@ -137,16 +144,18 @@ def write_samples(
 ) -> dict[str, str]:
     """Writes the grid PNG, the uint8 .npz and (if frames were recorded) the denoising-strip PNG; returns paths.
 
+    Small images are enlarged in the PNGs (`enlarge`: at least MIN_TILE pixels a side); the .npz keeps their size.
+
     With the samples' class labels and names, a per-class grid has one row per class and `<name>_classes.json`
     captions it.
     """
     columns = grid_columns(labels)
     paths = {
-        "grid": save_png(os.path.join(directory, f"{name}.png"), make_grid(samples, ncols=columns)),
+        "grid": save_png(os.path.join(directory, f"{name}.png"), make_grid(enlarge(samples), ncols=columns)),
         "npz": save_npz(os.path.join(directory, f"{name}.npz"), samples),
     }
     if frames.shape[0]:
-        paths["strip"] = save_png(os.path.join(directory, f"{name}_strip.png"), make_strip(frames))
+        paths["strip"] = save_png(os.path.join(directory, f"{name}_strip.png"), make_strip(enlarge(frames)))
     if labels is not None:
         paths["classes"] = write_captions(
             os.path.join(directory, f"{name}_classes.json"), labels, class_names, guidance_scale, columns

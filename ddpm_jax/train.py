@@ -259,7 +259,8 @@ def _write_sample_grid(
         paths = outputs.write_samples(os.path.join(workdir, "samples"), f"step_{step:07d}", samples, frames,
                                       labels=labels, class_names=class_names,
                                       guidance_scale=config.sampling.guidance_scale)
-        writer.write_image(step, "samples", outputs.make_grid(samples, ncols=outputs.grid_columns(labels)))
+        writer.write_image(step, "samples",
+                           outputs.make_grid(outputs.enlarge(samples), ncols=outputs.grid_columns(labels)))
         logging.info("step %d: wrote sample grid %s", step, paths["grid"])
 
 

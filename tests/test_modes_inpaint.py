@@ -26,7 +26,8 @@ def test_inpaint_fills_the_masked_region_and_keeps_the_rest(copy_run, trained_ru
     assert not keep[:, :, 5:].any() and keep[:, :, :5].all()
     np.testing.assert_array_equal(results[keep], originals[keep])
     assert not np.array_equal(results[~keep], originals[~keep])  # The model drew the rest.
-    assert Image.open(grid).size == (3 * 10 + 2, 3 * 10 + 2)  # Originals, masked inputs, results: 3 rows.
+    # Originals, masked inputs, results: 3 rows of 8x8 images shown at 64x64, 2 pixels apart.
+    assert Image.open(grid).size == (3 * 66 + 2, 3 * 66 + 2)
 
 
 def test_bad_inputs_fail_before_anything_is_compiled(copy_run, trained_run, tmp_path):

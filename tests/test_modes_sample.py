@@ -21,7 +21,8 @@ def test_sample_writes_grid_arrays_and_strip_of_the_latest_checkpoint(copy_run, 
                    "denoising strip": f"{name}_strip.png"}
     samples = np.load(f"{name}.npz")["samples"]
     assert samples.shape == (8, 8, 8, 3) and samples.dtype == np.uint8 and samples.std() > 0
-    assert Image.open(f"{name}_strip.png").size == (3 * 10 + 2, 8 * 10 + 2)  # 3 frames across, one row per sample.
+    # 3 frames across, one row per sample; each 8x8 image shown at 64x64, 2 pixels apart.
+    assert Image.open(f"{name}_strip.png").size == (3 * 66 + 2, 8 * 66 + 2)
 
 
 def test_per_class_grids_with_guidance(tmp_path, conditional_run):
@@ -33,7 +34,7 @@ def test_per_class_grids_with_guidance(tmp_path, conditional_run):
     # The training run's grid: one row per class, captioned.
     caption = json.loads((run / "samples" / "step_0000004_classes.json").read_text())
     assert caption["rows"] == list(CLASSES) and caption["labels"] == [0, 0, 1, 1, 2, 2]
-    assert Image.open(run / "samples" / "step_0000004.png").size == (2 * 10 + 2, 3 * 10 + 2)
+    assert Image.open(run / "samples" / "step_0000004.png").size == (2 * 66 + 2, 3 * 66 + 2)
     assert json.loads((run / "classes.json").read_text())["class_names"] == list(CLASSES)
 
     config = config.copy_and_resolve_references()

@@ -153,7 +153,21 @@ def test_write_samples_writes_grid_npz_strip_and_captions(tmp_path):
                                   class_names=("a", "b", "c"), guidance_scale=1.0)
     assert set(paths) == {"grid", "npz", "strip", "classes"}
     np.testing.assert_array_equal(np.load(paths["npz"])["samples"], samples)
-    assert Image.open(paths["grid"]).size == (2 * 6 + 2, 3 * 6 + 2)  # One row per class.
-    assert Image.open(paths["strip"]).size == (2 * 6 + 2, 6 * 6 + 2)  # 2 frames across, 6 samples down.
+    # 4x4 samples are shown at 64x64 (nearest neighbour); the .npz keeps them at 4x4.
+    assert Image.open(paths["grid"]).size == (2 * 66 + 2, 3 * 66 + 2)  # One row per class.
+    assert Image.open(paths["strip"]).size == (2 * 66 + 2, 6 * 66 + 2)  # 2 frames across, 6 samples down.
+    grid = np.asarray(Image.open(paths["grid"]))
+    np.testing.assert_array_equal(grid[2:66, 2:66], np.repeat(np.repeat(samples[0], 16, 0), 16, 1))
     none = outputs.write_samples(str(tmp_path), "t", samples, frames[:0])
     assert set(none) == {"grid", "npz"}
+
+
+def test_enlarge_repeats_pixels_to_the_minimum_tile():
+    tiles = _tiles(2, 16, 16, 3)
+    big = outputs.enlarge(tiles)
+    assert big.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(big[:, ::4, ::4], tiles)
+    np.testing.assert_array_equal(big[:, 3::4, 1::4], tiles)
+    assert outputs.enlarge(_tiles(1, 64, 64, 3)).shape == (1, 64, 64, 3)  # Large enough: unchanged.
+    assert outputs.enlarge(np.zeros((3, 6, 5, 1), np.uint8)).shape == (
+        3, 78, 65, 1)  # The shorter side reaches 64: a factor of 13.

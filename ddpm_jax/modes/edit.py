@@ -63,7 +63,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
         name = os.path.join(workdir, "samples", f"edit_step_{step:07d}")
         rows, label = ([originals, results], "noisy inputs / denoised") if c.noise_sigma > 0 else (
             [originals, started, results], f"inputs / noised to step {t_start} / results")
-        paths[f"edit grid ({label})"] = outputs.save_png(name + ".png", outputs.comparison_grid(rows))
+        grid = outputs.comparison_grid([outputs.enlarge(r) for r in rows])
+        paths[f"edit grid ({label})"] = outputs.save_png(name + ".png", grid)
         paths["edit arrays (originals, starts, results)"] = fileio.write_npz(
             name + ".npz", {"originals": originals, "starts": started, "results": results,
                             "t_start": np.int32(t_start)})

@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     if jax.process_index() == 0:
         name = os.path.join(workdir, "samples", f"inpaint_step_{step:07d}")
         paths["inpainting grid (originals / masked inputs / results)"] = outputs.save_png(
-            name + ".png", outputs.comparison_grid([originals, masked, results]))
+            name + ".png", outputs.comparison_grid([outputs.enlarge(r) for r in (originals, masked, results)]))
         paths["inpainting arrays (originals, keep_masks, results)"] = fileio.write_npz(
             name + ".npz", {"originals": originals, "keep_masks": keep, "results": results})
         logging.info("wrote %d inpainted images from the EMA weights at step %d", len(results), step)
