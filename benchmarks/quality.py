@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -44,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import run  # noqa: E402
 from ddpm_jax import checkpointing, data, parallel, pixels, rng, sampler, train_state  # noqa: E402
 from ddpm_jax.config import load_config_file  # noqa: E402
 from ddpm_jax.evaluation import fid  # noqa: E402
@@ -157,12 +157,8 @@ class Scorer:
 
 
 def _machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "") if os.path.exists(
-        "/proc/cpuinfo") else ""
-    avx = " ".join(sorted({f for f in flags.split() if f.startswith("avx512") or f in ("avx2", "fma")}))
-    return f"{model} ({os.cpu_count()} cores; {avx}); jax {jax.__version__} on {jax.devices()[0].platform}"
+    return f"{run.cpu_name()} ({os.cpu_count()} cores; {run.cpu_flags()}); jax {jax.__version__} on " \
+           f"{jax.devices()[0].platform}"
 
 
 def _restore(config, workdir: str, step: int | None, mesh):
@@ -180,13 +176,13 @@ def _restore(config, workdir: str, step: int | None, mesh):
 
 def _sample_and_score(config, model, params, mesh, scorer: Scorer) -> dict:
     """Samples scorer.num_images images with config.sampling, scores them; seconds without the compile."""
-    run = sampler.make_sampler(config, model, mesh)
+    sample_fn = sampler.make_sampler(config, model, mesh)
     chunk = sampler.chunk_size(config.sampling.batch_size, scorer.num_images, mesh.size)
     start = time.perf_counter()
-    jax.block_until_ready(run(params, jax.random.PRNGKey(0), chunk))  # Compiles, and warms up, outside the timing.
+    jax.block_until_ready(sample_fn(params, jax.random.PRNGKey(0), chunk))  # Compiles and warms up, untimed.
     compile_s = time.perf_counter() - start
     start = time.perf_counter()
-    images, _ = sampler.generate(run, params, rng.sample_mode_key(config.seed), scorer.num_images,
+    images, _ = sampler.generate(sample_fn, params, rng.sample_mode_key(config.seed), scorer.num_images,
                                  config.sampling.batch_size, mesh)
     seconds = time.perf_counter() - start
     return {**scorer.score(images), "seconds": round(seconds, 2), "compile_s": round(compile_s, 2)}

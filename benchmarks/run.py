@@ -60,6 +60,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> str:
+    """The vector-unit flags that decide the kernels' speed (avx2, fma, avx512*), from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "flags unknown"
+    return " ".join(sorted(f for f in set(flags) if f.startswith("avx512") or f in ("avx2", "fma", "amx_bf16")))
+
+
 def summarize(preset: presets.Preset, ceilings: dict, pipeline: dict | None, ours: dict, peer: dict | None,
               dtype: str) -> dict:
     """The report: our figures, achieved GFLOP/s against the measured ceiling, and the ratios to the peer."""

@@ -1,5 +1,8 @@
 """The benchmark harness: presets describe diffusers' UNets exactly, ratios are computed right, bad setups fail fast."""
 
+import json
+import os
+import pathlib
 import subprocess
 import sys
 
@@ -9,7 +12,7 @@ import pytest
 from helpers import REPO
 
 sys.path.insert(0, str(REPO))
-from benchmarks import jax_bench, presets, run  # noqa: E402
+from benchmarks import gpu_check, jax_bench, op_profile, presets, profile_ops, run  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 # Parameter counts of diffusers 0.42.1 UNet2DModel(**presets.diffusers_unet_kwargs(preset)), printed by
@@ -62,3 +65,88 @@ def test_peer_without_torch_fails_before_measuring_anything(tmp_path):
     assert proc.returncode != 0
     assert "pip install torch==2.13.0 diffusers" in proc.stderr and "No module named torch" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _conv_sgd_step(w, x):
+    def loss(w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.mean(jax.nn.silu(y) ** 2)
+
+    value, grad = jax.value_and_grad(loss)(w)
+    return w - 0.1 * grad, value
+
+
+def test_profile_of_a_conv_step_is_split_into_passes_and_categories():
+    w, x = jnp.full((3, 3, 4, 8), 0.1), jnp.ones((2, 16, 16, 4))
+    compiled = jax.jit(_conv_sgd_step).lower(w, x).compile()
+    text = compiled.as_text()
+    instructions, computations = op_profile.parse_hlo(text)
+    times, count = profile_ops.trace_op_times(lambda: jax.block_until_ready(compiled(w, x)), 2,
+                                              profile_ops._module_name(text))
+    assert count >= 2 * len(times)  # Every executed instruction, in each of the 2 calls.
+    rows = op_profile.xla_rows(instructions, computations, times, per=2)
+    by = {(r["pass"], r["category"]) for r in rows}
+    # The forward conv (3x3 window) and the weight gradient (a conv whose window is the 16x16 activation) are told
+    # apart; the SGD update sits outside jvp, so it is the update pass.
+    assert ("forward", "convolution") in by and ("backward", "conv weight grad") in by
+    assert any(r["pass"] == "update" and r["shape"] == "f32[3,3,4,8]" for r in rows)
+    assert all(r["ms"] > 0 for r in rows)
+    sampled = op_profile.xla_rows(instructions, computations, times, per=2, sample=True)
+    assert {r["pass"] for r in sampled} == {"sample"}
+
+
+def test_torch_ops_get_the_same_categories():
+    assert op_profile.torch_category("aten::mkldnn_convolution") == "convolution"
+    assert op_profile.torch_category("aten::convolution_backward") == "convolution"
+    assert op_profile.torch_category("aten::addmm") == "matmul"
+    assert op_profile.torch_category("aten::native_group_norm_backward") == "reduction"
+    assert op_profile.torch_category("aten::cat") == "data movement"
+    assert op_profile.torch_category("aten::t") == "data movement"
+    assert op_profile.torch_category("aten::silu_backward") == "elementwise"  # Not "t" inside "silu_backward".
+    assert op_profile.torch_category("Optimizer.step#AdamW.step") == "other"
+
+
+def test_comparison_table_adds_our_weight_grads_to_backward_convolutions():
+    ours = [{"name": "a", "category": "convolution", "pass": "backward", "label": "", "shape": "", "ms": 2.0},
+            {"name": "b", "category": "conv weight grad", "pass": "backward", "label": "", "shape": "", "ms": 4.0},
+            {"name": "c", "category": "elementwise", "pass": "update", "label": "", "shape": "", "ms": 1.0}]
+    peer = [{"name": "x", "category": "convolution", "pass": "backward", "label": "", "shape": "", "ms": 3.0},
+            {"name": "y", "category": "elementwise", "pass": "update", "label": "", "shape": "", "ms": 2.0}]
+    table = op_profile.format_comparison(ours, peer)
+    assert "| backward | convolution | 6.0 | 3.0 | 2.00 |" in table
+    assert "| update | elementwise | 1.0 | 2.0 | 0.50 |" in table
+    assert "conv weight grad" not in table
+    top = op_profile.format_top("t", ours, 2)
+    assert top.splitlines()[4].startswith("| 4.00 | 57.1% | backward | conv weight grad | b |")
+
+
+def test_gpu_check_dry_run_prints_every_part_and_the_quickstart_grid(tmp_path, fashion_mnist_dir):
+    # One device: the dry run's batch of 2 does not split over the suite's 8 fake ones.
+    env = dict(os.environ, DDPM_JAX_PYTHON=sys.executable, XLA_FLAGS="--xla_backend_optimization_level=0",
+               DDPM_JAX_BENCH_CACHE=os.environ["DDPM_JAX_COMPILATION_CACHE"])
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry_run", f"--out={tmp_path}",
+                           f"--quickstart_data={fashion_mnist_dir}"], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [p["label"] for p in report["parts"]] == [p[0] for p in gpu_check.PARTS]
+    assert all(p["train_img_s"] > 0 and p["compile_s"] > 0 for p in report["parts"])
+    assert report["parts"][0]["dtype"] == "bfloat16" and report["parts"][0]["sample_s_per_step"] > 0
+    assert "sample_s_per_step" not in report["parts"][1]
+    assert report["parts"][0]["mfu"] is None  # No peak is known for a CPU.
+    assert pathlib.Path(report["quickstart"]["grid"]).is_file()
+    assert "| tutorial b64 bf16 | 2 |" in proc.stdout and "sample grid: " in proc.stdout
+
+
+def test_gpu_check_without_a_gpu_stops_in_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py")], capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, XLA_FLAGS=""))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "error: the GPU check needs a GPU and jax sees 'cpu" in proc.stderr
+
+
+def test_peak_flops_by_device_kind():
+    assert jax_bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756.0e12
+    assert jax_bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert jax_bench.peak_flops("NVIDIA H200", "float32") == 494.7e12
+    assert jax_bench.peak_flops("cpu", "float32") is None
