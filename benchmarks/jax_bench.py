@@ -8,6 +8,7 @@ Run by `benchmarks/run.py`; prints one JSON object. Everything timed is what `--
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -24,6 +25,11 @@ xla_flags.apply_defaults()  # What `python -m ddpm_jax.main` runs with; DDPM_JAX
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+# Off unless asked: a cached compile would report the cache's load time as compile_s. The GPU check's CI dry run asks,
+# so that its parts of one UNet compile once.
+if os.environ.get("DDPM_JAX_BENCH_CACHE"):
+    jax.config.update("jax_compilation_cache_dir", os.environ["DDPM_JAX_BENCH_CACHE"])
 
 from benchmarks import presets  # noqa: E402
 from benchmarks.timing import run_times  # noqa: E402
@@ -58,6 +64,28 @@ def forward_flops_per_image(model: unet.UNet, size: int, batch: int) -> float:
     return float(cost["flops"]) / batch
 
 
+# Dense tensor-core peaks in TFLOP/s by device kind, from NVIDIA's data sheets (SXM parts). float32 is the TF32
+# peak: XLA runs float32 convolutions and dots on TF32 tensor cores at JAX's default precision.
+PEAK_TFLOPS = {"H200": {"bfloat16": 989.4, "float32": 494.7}, "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
+               "H100": {"bfloat16": 989.4, "float32": 494.7}, "A100": {"bfloat16": 312.0, "float32": 156.0}}
+
+
+def peak_flops(device_kind: str, dtype: str) -> float | None:
+    """The accelerator's peak FLOP/s for dtype, or None for a device kind not in PEAK_TFLOPS (CPUs among them)."""
+    for name, peaks in PEAK_TFLOPS.items():  # Longest names first where one contains another (H100 PCIe, H100).
+        if name in device_kind:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def device_stats() -> dict:
+    """Device kind and peak device memory in MiB (None where the backend keeps no statistics, as on CPU)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return {"device_kind": device.device_kind, "peak_device_mib": peak / 2**20 if peak is not None else None}
+
+
 def main() -> None:
     """Measures train throughput, compile time, sampling time per step and peak memory for one preset."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -65,8 +93,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps_per_dispatch", type=int, default=1)
     parser.add_argument("--skip_sampling", action="store_true")
+    parser.add_argument("--batch_size", type=int, default=0, help="instead of the preset's batch (GPU check: 64)")
+    parser.add_argument("--train_repeats", type=int, default=0, help="instead of the preset's timed train steps")
+    parser.add_argument("--sample_steps", type=int, default=0, help="instead of the preset's steps per sampler call")
     args = parser.parse_args()
     p = presets.get(args.preset)
+    overrides = {"batch_size": args.batch_size, "train_repeats": args.train_repeats, "sample_steps": args.sample_steps}
+    p = dataclasses.replace(p, **{k: v for k, v in overrides.items() if v > 0})
     config = benchmark_config(p, args.dtype, args.steps_per_dispatch)
     k = args.steps_per_dispatch
 
@@ -116,6 +149,10 @@ def main() -> None:
         result["sample_s_per_step"] = statistics.median(
             run_times(lambda: jax.block_until_ready(compiled(state.ema_params, key)), 3)) / p.sample_steps
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(device_stats())
+    peak = peak_flops(result["device_kind"], args.dtype)
+    result["mfu"] = result["train_img_s"] * result["flops_per_image"] / peak if peak else None
+    result["batch_size"] = p.batch_size
     print(json.dumps(result))
 
 
