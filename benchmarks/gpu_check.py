@@ -58,8 +58,8 @@ def check_device(python: str, dry_run: bool) -> str:
         raise SystemExit(f"error: {python} cannot import jax: {probe.stderr.strip().splitlines()[-1:]}")
     line = probe.stdout.strip().splitlines()[-1]
     if not dry_run and not line.startswith("gpu"):
-        raise SystemExit(f"error: the GPU check needs a GPU and jax sees '{line}'; install jax for CUDA "
-                         "(pip install -U 'jax[cuda13]') or run with --dry_run to check the script on this device")
+        raise SystemExit(f"error: the GPU check needs a GPU and jax sees '{line}'; install jax for CUDA (bash "
+                         "launch/gpu_host.sh install makes .venv with jax[cuda12]), or check the script with --dry_run")
     return line
 
 

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for an H100/H200 host (under 8 minutes there):
 #   bash benchmarks/gpu_check.sh [--dry_run] [--out DIR] [--quickstart_data DIR]
-# Uses $DDPM_JAX_PYTHON, else ./.venv/bin/python (made as the README's quickstart makes it). jax must see the GPU:
-# in that environment run `pip install -U "jax[cuda13]"` once. --dry_run checks the script on any device (CI: the CPU).
+# Uses $DDPM_JAX_PYTHON, else ./.venv/bin/python, in which jax must see the GPU: `bash launch/gpu_host.sh install`
+# makes that .venv (jax[cuda12]). --dry_run checks the script on any device (CI runs it on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${DDPM_JAX_PYTHON:-.venv/bin/python}"
 if [ ! -x "$python" ]; then
-  echo "error: no Python at $python; run 'bash launch/quickstart.sh' once or set DDPM_JAX_PYTHON" >&2
+  echo "error: no Python at $python; run 'bash launch/gpu_host.sh install' once or set DDPM_JAX_PYTHON" >&2
   exit 2
 fi
 # The numbers of a GPU run mean what they say only with the whole device: no preallocation, one process at a time.

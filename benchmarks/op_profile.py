@@ -185,8 +185,14 @@ def format_top(title: str, rows: list[dict], top: int) -> str:
     return "\n".join(lines)
 
 
-def format_comparison(ours: list[dict], peer: list[dict] | None) -> str:
-    """ms per pass and category, ddpm_jax against the peer, as a Markdown table (the peer's conv grads together)."""
+def format_comparison(ours: list[dict], peer: list[dict] | None, walls: tuple[float, float | None] = (0.0, None)
+                      ) -> str:
+    """ms per pass and category, ddpm_jax against the peer, as a Markdown table (the peer's conv grads together).
+
+    With the wall times (ours, peer's) per step, two last rows: the wall time, and the part of it in no op's event
+    (wall - op time). On XLA:CPU that part is mostly convolutions: their thunks run asynchronously on the thread pool
+    and their events time only the launch. On the peer it is Python and the autograd engine.
+    """
     a, b = totals(ours), totals(peer or [])
     lines = ["| pass | category | ddpm_jax ms | peer ms | ratio |", "|---|---|---:|---:|---:|"]
     for pass_ in PASSES:
@@ -201,4 +207,12 @@ def format_comparison(ours: list[dict], peer: list[dict] | None) -> str:
             ratio = f"{x / y:.2f}" if y > 0 and peer is not None else ""
             peer_ms = f"{y:.1f}" if peer is not None else ""
             lines.append(f"| {pass_} | {category} | {x:.1f} | {peer_ms} | {ratio} |")
+    ours_wall, peer_wall = walls
+    if ours_wall:
+        rows = [("wall", ours_wall, peer_wall),
+                ("not in any op (wall - op time)", ours_wall - sum(r["ms"] for r in ours),
+                 None if peer_wall is None else peer_wall - sum(r["ms"] for r in peer or []))]
+        for name, x, y in rows:
+            peer_ms, ratio = ("", "") if y is None else (f"{y:.1f}", f"{x / y:.2f}" if y > 0 else "")
+            lines.append(f"| all | {name} | {x:.1f} | {peer_ms} | {ratio} |")
     return "\n".join(lines)

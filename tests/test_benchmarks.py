@@ -9,10 +9,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import REPO
+from helpers import REPO, tiny_config
 
 sys.path.insert(0, str(REPO))
-from benchmarks import gpu_check, jax_bench, op_profile, presets, profile_ops, run  # noqa: E402
+from benchmarks import flag_sweep, gpu_check, jax_bench, op_profile, presets, profile_ops, quality, run  # noqa: E402
+from ddpm_jax import data  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 # Parameter counts of diffusers 0.42.1 UNet2DModel(**presets.diffusers_unet_kwargs(preset)), printed by
@@ -116,6 +117,9 @@ def test_comparison_table_adds_our_weight_grads_to_backward_convolutions():
     assert "| backward | convolution | 6.0 | 3.0 | 2.00 |" in table
     assert "| update | elementwise | 1.0 | 2.0 | 0.50 |" in table
     assert "conv weight grad" not in table
+    walled = op_profile.format_comparison(ours, peer, (10.0, 8.0)).splitlines()
+    assert walled[-2:] == ["| all | wall | 10.0 | 8.0 | 1.25 |",
+                           "| all | not in any op (wall - op time) | 3.0 | 3.0 | 1.00 |"]
     top = op_profile.format_top("t", ours, 2)
     assert top.splitlines()[4].startswith("| 4.00 | 57.1% | backward | conv weight grad | b |")
 
@@ -150,3 +154,53 @@ def test_peak_flops_by_device_kind():
     assert jax_bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
     assert jax_bench.peak_flops("NVIDIA H200", "float32") == 494.7e12
     assert jax_bench.peak_flops("cpu", "float32") is None
+
+
+def test_flag_sweep_ratios_are_medians_against_the_defaults():
+    def r(img_s, sample_s):
+        return {"train_img_s": img_s, "sample_s_per_step": sample_s, "compile_s": 10.0, "peak_rss_mib": 900.0}
+
+    rows = flag_sweep.summarize({flag_sweep.DEFAULTS: [r(10, 0.2), r(12, 0.2), r(11, 0.3)],
+                                 "--x=1": [r(22, 0.1), r(20, 0.1), r(0.5, 0.1)]})
+    assert rows[0]["train_ratio"] == 1.0 and rows[1]["train_img_s"] == 20
+    assert rows[1]["train_ratio"] == pytest.approx(20 / 11) and rows[1]["sample_ratio"] == pytest.approx(2.0)
+    assert "| `--x=1` | 20.0 | 1.82x | 0.1000 | 2.00x | 10.0 | 900 |" in flag_sweep.format_table(rows)
+
+
+def test_quality_scorer_trains_caches_and_separates_real_images_from_noise(tmp_path, monkeypatch, fashion_mnist_dir):
+    # A tenth of each split and one epoch instead of six keep it short; the cache, the floor and the ceiling are the
+    # benchmark's own code.
+    train_once, load = quality.train_classifier, quality.data.source_from_config
+
+    def tenth(config, split="train"):
+        full = load(config, split=split)
+        return data.ArraySource(full.images[::10], full.labels[::10], full.class_names)
+
+    monkeypatch.setattr(quality, "CACHE", tmp_path)
+    monkeypatch.setattr(quality.data, "source_from_config", tenth)
+    monkeypatch.setattr(quality, "train_classifier", lambda train, test: train_once(train, test, epochs=3))
+    config = tiny_config(dataset=str(fashion_mnist_dir), image_size=16)
+    scorer = quality.Scorer(config, num_images=500)
+    assert scorer.test_accuracy > 0.6 and len(list(tmp_path.glob("classifier_*.npz"))) == 1
+    assert scorer.floor["fd"] < 0.1 * scorer.ceiling["fd"] and scorer.floor["classes"] == 10
+    assert scorer.floor["top_prob"] > scorer.ceiling["top_prob"]
+
+    def no_training(*_):
+        raise AssertionError("the cached classifier was not used")
+
+    monkeypatch.setattr(quality, "train_classifier", no_training)
+    again = quality.Scorer(config, num_images=500)
+    assert again.floor == scorer.floor and again.test_accuracy == scorer.test_accuracy
+
+
+def test_quality_tables_list_every_sampler_and_run():
+    rows = [{"method": "ddpm", "spacing": "linspace", "solver_order": 2, "num_steps": 1000, "fd": 30.0, "seconds": 600}]
+    rows += [{"method": m, "spacing": sp, "solver_order": o, "num_steps": n, "fd": 100.0 / n, "seconds": n}
+             for m, sp, o in quality.SAMPLERS for n in quality.STEP_COUNTS]
+    table = quality.markdown_table({"report_kind": "steps", "report": {"rows": rows}})
+    assert "| dpm_solver++ 3M (trailing) | 20.0 (5 s) | 10.0 (10 s) | 5.0 (20 s) | 2.0 (50 s) | 1.0 (100 s) |" in table
+    assert "| ddpm, all 1000 steps: 30.0 (600 s) |" in table and len(table.splitlines()) == 3 + len(quality.SAMPLERS)
+    budget = {"report_kind": "budget", "report": {"runs": {
+        "none": {"rows": [{"train_step": 500, "fd": 9.0}, {"train_step": 1000, "fd": 5.0}]},
+        "min_snr": {"rows": [{"train_step": 1000, "fd": 4.0}]}}}}
+    assert quality.markdown_table(budget).splitlines()[2:] == ["| 500 | 9.0 |  |", "| 1000 | 5.0 | 4.0 |"]
