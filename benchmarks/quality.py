@@ -3,6 +3,7 @@
     python benchmarks/quality.py steps --config=configs/quickstart.py --workdir=DIR [--num_samples=1000]
     python benchmarks/quality.py budget --config=configs/quickstart.py --workdir=none=DIR1 --workdir=min_snr=DIR2
     python benchmarks/quality.py plot --results=quality_steps.json --out=docs/quality_steps.png
+    python benchmarks/quality.py table --results=quality_steps.json      # the README's Markdown table
 
 A CNN is trained once on the real training split of the config's dataset (default: Debian's Fashion-MNIST) at the
 model's resolution, and cached under ~/.cache/ddpm_jax/quality. A set of uint8 images is then scored by
@@ -15,8 +16,10 @@ would score) and Gaussian noise (the ceiling), so the numbers mean something.
   steps   one trained checkpoint (the latest in --workdir), every sampler at 5/10/20/50/100 steps and DDPM at T:
           score, network evaluations and sampling seconds.
   budget  every checkpoint of each --workdir=LABEL=DIR (e.g. the same config trained with loss_weighting none and
-          min_snr), sampled with one sampler (--method/--num_steps/--spacing): score per training step.
+          min_snr; --checkpoints=S1,S2 for only those steps), sampled with one sampler (--method, --num_steps,
+          --spacing, --order, --eta): score per training step.
   plot    the steps report as a picture: FD against network evaluations, one line per sampler.
+  table   a steps or budget report as a Markdown table.
 Results go to --out as JSON (and the console as a table).
 """
 
@@ -214,13 +217,16 @@ def steps_report(config, workdir: str, scorer: Scorer, mesh) -> dict:
     return {"checkpoint_step": step, "rows": rows}
 
 
-def budget_report(config, workdirs: list[tuple[str, str]], scorer: Scorer, mesh) -> dict:
-    """Each workdir's every checkpoint, sampled with config.sampling."""
+def budget_report(config, workdirs: list[tuple[str, str]], scorer: Scorer, mesh,
+                  only_steps: tuple[int, ...] = ()) -> dict:
+    """Each workdir's every checkpoint (or those at only_steps), sampled with config.sampling."""
     runs = {}
     for label, workdir in workdirs:
         ckpt = checkpointing.Checkpointer(checkpointing.checkpoint_dir(workdir))
-        steps = ckpt.all_steps()
+        steps = [s for s in ckpt.all_steps() if not only_steps or s in only_steps]
         ckpt.close()
+        if not steps:
+            raise SystemExit(f"error: {workdir} has no checkpoint" + (f" at {only_steps}" if only_steps else ""))
         rows = []
         for step in steps:
             model, params, _ = _restore(config, workdir, step, mesh)
@@ -231,7 +237,7 @@ def budget_report(config, workdirs: list[tuple[str, str]], scorer: Scorer, mesh)
         runs[label] = {"workdir": workdir, "rows": rows}
     s = config.sampling
     return {"sampler": {"method": s.method, "num_steps": s.num_steps, "timestep_spacing": s.timestep_spacing,
-                        "solver_order": s.solver_order}, "runs": runs}
+                        "solver_order": s.solver_order, "eta": s.eta}, "runs": runs}
 
 
 def plot(results: dict, out: str) -> None:
@@ -245,8 +251,8 @@ def plot(results: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for method, spacing, order in SAMPLERS:
         line = [r for r in rows if (r["method"], r["spacing"], r["solver_order"]) == (method, spacing, order)]
-        label = f"{method}{' 3M' if order == 3 else ''} ({spacing})"
-        ax.plot([r["evaluations"] for r in line], [r["fd"] for r in line], marker="o", label=label)
+        ax.plot([r["evaluations"] for r in line], [r["fd"] for r in line], marker="o",
+                label=_sampler_name(method, spacing, order))
     ddpm = [r for r in rows if r["method"] == "ddpm"]
     if ddpm:
         ax.scatter([ddpm[0]["evaluations"]], [ddpm[0]["fd"]], marker="*", s=120, color="k", label="ddpm (T steps)",
@@ -263,10 +269,41 @@ def plot(results: dict, out: str) -> None:
     print(f"wrote {out}")
 
 
+def _sampler_name(method: str, spacing: str, order: int) -> str:
+    return f"{method}{' 3M' if order == 3 else ''} ({spacing})"
+
+
+def markdown_table(results: dict) -> str:
+    """A steps report as FD (seconds) per sampler and step count; a budget report as FD per training step and run."""
+    report = results["report"]
+    if results["report_kind"] == "budget":
+        labels = list(report["runs"])
+        steps = sorted({r["train_step"] for run_ in report["runs"].values() for r in run_["rows"]})
+        fd = {(label, r["train_step"]): r["fd"] for label, run_ in report["runs"].items() for r in run_["rows"]}
+        lines = ["| training steps | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+        for step in steps:
+            cells = [f"{fd[label, step]:.1f}" if (label, step) in fd else "" for label in labels]
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    rows = report["rows"]
+    counts = sorted({r["num_steps"] for r in rows if r["method"] != "ddpm"})
+    lines = ["| sampler | " + " | ".join(f"{n} steps" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
+    for method, spacing, order in SAMPLERS:
+        cells = {r["num_steps"]: f"{r['fd']:.1f} ({r['seconds']:.0f} s)" for r in rows
+                 if (r["method"], r["spacing"], r["solver_order"]) == (method, spacing, order)}
+        lines.append(f"| {_sampler_name(method, spacing, order)} | " + " | ".join(cells.get(n, "") for n in counts)
+                     + " |")
+    for r in rows:
+        if r["method"] == "ddpm":
+            lines.append(f"| ddpm, all {r['num_steps']} steps: {r['fd']:.1f} ({r['seconds']:.0f} s) |"
+                         + " |" * (len(counts) - 1))
+    return "\n".join(lines)
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("report", choices=["steps", "budget", "plot"])
+    parser.add_argument("report", choices=["steps", "budget", "plot", "table"])
     parser.add_argument("--config", default=str(HERE.parent / "configs" / "quickstart.py"))
     parser.add_argument("--workdir", action="append", default=[],
                         help="steps: the trained workdir; budget: LABEL=DIR, once per run")
@@ -274,12 +311,21 @@ def main() -> None:
     parser.add_argument("--method", default="dpm_solver++", help="budget: the sampler")
     parser.add_argument("--num_steps", type=int, default=20, help="budget: its steps")
     parser.add_argument("--spacing", default="trailing", help="budget: its timestep spacing")
-    parser.add_argument("--results", default="", help="plot: the steps report's JSON")
+    parser.add_argument("--order", type=int, default=2, help="budget: the solver order (dpm_solver++, unipc)")
+    parser.add_argument("--eta", type=float, default=0.0, help="budget: DDIM's eta (1: stochastic)")
+    parser.add_argument("--checkpoints", default="", help="budget: only these training steps, comma-separated")
+    parser.add_argument("--results", default="", help="plot, table: a report's JSON")
     parser.add_argument("--out", default="", help="where the JSON (or, for plot, the PNG) goes")
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides (data.dataset=...)")
     args = parser.parse_args()
-    if args.report == "plot":
-        plot(json.loads(pathlib.Path(args.results).read_text()), args.out or "quality_steps.png")
+    if args.report in ("plot", "table"):
+        if not args.results or not pathlib.Path(args.results).is_file():
+            raise SystemExit(f"error: {args.report} needs --results=FILE, a JSON that steps or budget wrote")
+        results = json.loads(pathlib.Path(args.results).read_text())
+        if args.report == "table":
+            print(markdown_table(results))
+        else:
+            plot(results, args.out or "quality_steps.png")
         return
     if not args.workdir:
         raise SystemExit("error: give --workdir (steps: a trained workdir; budget: LABEL=DIR for each run)")
@@ -298,7 +344,9 @@ def main() -> None:
     else:
         config.sampling.method, config.sampling.num_steps = args.method, args.num_steps
         config.sampling.timestep_spacing, config.sampling.num_intermediates = args.spacing, 0
-        report = budget_report(config, [tuple(w.split("=", 1)) for w in args.workdir], scorer, mesh)
+        config.sampling.solver_order, config.sampling.eta = args.order, args.eta
+        only = tuple(int(c) for c in args.checkpoints.split(",") if c)
+        report = budget_report(config, [tuple(w.split("=", 1)) for w in args.workdir], scorer, mesh, only)
     results = {"report_kind": args.report, "config": os.path.basename(args.config), "machine": _machine(),
                "num_images": args.num_samples, "classifier_test_accuracy": scorer.test_accuracy,
                "floor": scorer.floor, "ceiling": scorer.ceiling, "report": report,
