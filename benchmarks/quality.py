@@ -316,7 +316,8 @@ def main() -> None:
     parser.add_argument("--checkpoints", default="", help="budget: only these training steps, comma-separated")
     parser.add_argument("--results", default="", help="plot, table: a report's JSON")
     parser.add_argument("--out", default="", help="where the JSON (or, for plot, the PNG) goes")
-    parser.add_argument("--set", action="append", default=[], help="KEY=VALUE config overrides (data.dataset=...)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="KEY=VALUE config overrides (data.dataset=..., seed=1 for other sampling noise)")
     args = parser.parse_args()
     if args.report in ("plot", "table"):
         if not args.results or not pathlib.Path(args.results).is_file():
@@ -330,10 +331,11 @@ def main() -> None:
     if not args.workdir:
         raise SystemExit("error: give --workdir (steps: a trained workdir; budget: LABEL=DIR for each run)")
     config = load_config_file(args.config)
-    for item in args.set:
+    for item in args.set:  # seed=1 (the samples' noise), data.dataset=...
         key, value = item.split("=", 1)
-        section, name = key.split(".")
-        config[section][name] = type(config[section][name])(value)
+        node, _, name = key.rpartition(".")
+        parent = config[node] if node else config
+        parent[name] = type(parent[name])(value)
     mesh = parallel.make_mesh()
     start = time.perf_counter()
     scorer = Scorer(config, args.num_samples)

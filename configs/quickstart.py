@@ -25,6 +25,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.diffusion.schedule = "cosine"
 
+    config.training.loss_weighting = "min_snr"  # Reached none's 2,000-step quality in 1,000 steps (README).
+
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 100
 
@@ -35,8 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.training.sample_every_steps = 600
     config.training.ema_decay = 0.995
 
+    # The best measured at the quickstart's budget (README "Sample quality"): stochastic DDIM (eta = 1) on 100
+    # trailing steps, FD 52.7 at step 1,200 (3 seeds) against 58.7 for DPM-Solver++ on 10 karras steps; 200 steps
+    # scored the same, DDPM's 1,000 steps 47.4 at 10x the cost.
     config.sampling.method = "ddim"
     config.sampling.num_steps = 100
+    config.sampling.eta = 1.0
+    config.sampling.timestep_spacing = "trailing"
     config.sampling.num_samples = 64
 
     config.eval.num_examples = 256  # --mode=eval: T=1000 network passes per image; 256 images take minutes on a CPU.

@@ -34,6 +34,9 @@ MODEL = {
     "model.attn_resolutions": (4,), "model.num_groups": 4, "model.dropout": 0.1, "diffusion.num_timesteps": 50,
     "training.batch_size": 8, "sampling.method": "ddim", "sampling.num_steps": 5, "sampling.num_samples": 8,
     "sampling.num_intermediates": 3,
+    # Pinned to the values it was recorded with, so that the quickstart's defaults can move on without it.
+    "training.loss_weighting": "none", "sampling.timestep_spacing": "linspace", "sampling.eta": 0.0,
+    "training.ema_decay": 0.995,
 }
 
 
