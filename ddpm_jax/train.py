@@ -309,6 +309,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     step_fn = compile_train_step(make_train_step(config, model, mesh), state, batch_spec(config, mesh))
     sample_fn = sampler.make_sampler(config, model, mesh)
+    if t.sample_every_steps:
+        # The grids' sampler compiled now, before any step's buffers are resident: the quickstart's peak RSS fell
+        # from 938 to 755 MiB (its compile at the first grid came on top of them).
+        labels = sampler.grid_labels(config)
+        num = config.sampling.num_samples if labels is None else len(labels)
+        sample_fn = sampler.precompile(sample_fn, state.ema_params,
+                                       sampler.chunk_size(config.sampling.batch_size, num, mesh.size), labels)
+        release_freed_heap()
     writer = metric_writers.MetricWriter(os.path.join(workdir, "tensorboard"),
                                          os.path.join(workdir, metric_writers.SCALARS_FILE))
     _write_run_files(workdir, config, class_names)

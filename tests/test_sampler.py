@@ -39,6 +39,11 @@ def test_generate_chunks_to_the_device_count_and_draws_fresh_noise_per_chunk(tra
     first, _ = run(params, jax.random.fold_in(jax.random.PRNGKey(1), 0), 8)
     np.testing.assert_array_equal(samples[:8], parallel.fetch(first))
     assert not np.array_equal(samples[:5], samples[8:13])
+    # Compiled ahead for the chunk of 8 (as training does for its grids): the same samples, other sizes still work.
+    ahead = sampler.precompile(run, params, 8)
+    again, _ = sampler.generate(ahead, params, jax.random.PRNGKey(1), 13, 5, mesh)
+    np.testing.assert_array_equal(again, samples)
+    assert ahead(params, jax.random.PRNGKey(1), 16)[0].shape == (16, 8, 8, 3)
 
 
 def test_labelled_sampling_and_grid_labels(conditional_run):
@@ -50,6 +55,9 @@ def test_labelled_sampling_and_grid_labels(conditional_run):
     run = sampler.make_sampler(config, model, mesh)
     samples, _ = sampler.generate(run, params, jax.random.PRNGKey(0), 6, 8, mesh, labels=labels)
     assert samples.shape == (6, 8, 8, 3)
+    ahead, _ = sampler.generate(sampler.precompile(run, params, 8, labels), params, jax.random.PRNGKey(0), 6, 8, mesh,
+                                labels=labels)
+    np.testing.assert_array_equal(ahead, samples)
     # The same noise under other labels gives other images: the labels reach the network.
     other, _ = sampler.generate(run, params, jax.random.PRNGKey(0), 6, 8, mesh, labels=labels[::-1].copy())
     assert not np.array_equal(samples[:2], other[:2])
