@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,14 +28,11 @@ DEFAULTS = "(defaults)"
 def bench(preset: str, flags: str, skip_sampling: bool) -> dict:
     """One jax_bench.py run with `flags` added to XLA_FLAGS."""
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip())
-    cmd = [sys.executable, os.path.join(HERE, "jax_bench.py"), f"--preset={preset}"]
-    cmd += ["--skip_sampling"] if skip_sampling else []
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"error: jax_bench.py with XLA_FLAGS='{env['XLA_FLAGS']}' failed (exit code "
-                         f"{proc.returncode}); an XLA that does not know a flag aborts: its stderr is above")
-    return json.loads(lines[-1])
+    try:
+        return run.run_child(sys.executable, "jax_bench.py", f"--preset={preset}",
+                             *(["--skip_sampling"] if skip_sampling else []), env=env)
+    except SystemExit as e:
+        raise SystemExit(f"{e} (XLA_FLAGS='{env['XLA_FLAGS']}'; an XLA that does not know a flag aborts)") from None
 
 
 def summarize(runs: dict[str, list[dict]]) -> list[dict]:

@@ -15,6 +15,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,6 +65,49 @@ def forward_flops_per_image(model: unet.UNet, size: int, batch: int) -> float:
     return float(cost["flops"]) / batch
 
 
+@dataclasses.dataclass
+class Bench:
+    """A preset's compiled train step on fixed synthetic uint8 images, and the state it advances."""
+
+    preset: presets.Preset
+    config: Any
+    mesh: jax.sharding.Mesh
+    model: unet.UNet
+    state: Any
+    batch: dict
+    step: Any
+    compile_s: float
+
+    def dispatch(self) -> dict:
+        """One call of the step (steps_per_dispatch optimizer steps), waited for; keeps the new state (the step
+        donates the old one) and returns the scalars."""
+        self.state, scalars = self.step(self.state, self.batch)
+        jax.block_until_ready(scalars["loss"])
+        return scalars
+
+    def compiled_sampler(self, key: jax.Array):
+        """The product's sampler for one batch of the preset, compiled: call it with (params, key)."""
+        params = self.state.ema_params
+        return sampler.make_sampler(self.config, self.model, self.mesh).lower(params, key, self.preset.batch_size
+                                                                              ).compile()
+
+
+def setup(p: presets.Preset, dtype: str, steps_per_dispatch: int) -> Bench:
+    """Builds the preset's state and images and compiles the train step (what --mode=train runs), timing the compile."""
+    k = steps_per_dispatch
+    config = benchmark_config(p, dtype, k)
+    mesh = parallel.make_mesh()
+    model = unet.create_model(config)
+    state = train_state.init_train_state(config, model, train_state.create_optimizer(config), mesh)
+    shape = (k, p.batch_size) if k > 1 else (p.batch_size,)
+    images = np.random.default_rng(0).integers(0, 256, (*shape, p.image_size, p.image_size, 3), np.uint8)
+    # With k > 1, a stack of k batches: the step function scans over its leading axis.
+    batch = {"image": parallel.global_stacked_batch(mesh, images) if k > 1 else parallel.global_batch(mesh, images)}
+    start = time.perf_counter()
+    step = train.compile_train_step(train.make_train_step(config, model, mesh), state, batch)
+    return Bench(p, config, mesh, model, state, batch, step, time.perf_counter() - start)
+
+
 # Dense tensor-core peaks in TFLOP/s by device kind, from NVIDIA's data sheets (SXM parts). float32 is the TF32
 # peak: XLA runs float32 convolutions and dots on TF32 tensor cores at JAX's default precision.
 PEAK_TFLOPS = {"H200": {"bfloat16": 989.4, "float32": 494.7}, "H100 PCIe": {"bfloat16": 756.0, "float32": 378.0},
@@ -100,54 +144,32 @@ def main() -> None:
     p = presets.get(args.preset)
     overrides = {"batch_size": args.batch_size, "train_repeats": args.train_repeats, "sample_steps": args.sample_steps}
     p = dataclasses.replace(p, **{k: v for k, v in overrides.items() if v > 0})
-    config = benchmark_config(p, args.dtype, args.steps_per_dispatch)
     k = args.steps_per_dispatch
-
-    mesh = parallel.make_mesh()
-    model = unet.create_model(config)
-    tx = train_state.create_optimizer(config)
-    state = train_state.init_train_state(config, model, tx, mesh)
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    rng = np.random.default_rng(0)
-    shape = (k, p.batch_size) if k > 1 else (p.batch_size,)
-    images = rng.integers(0, 256, (*shape, p.image_size, p.image_size, 3), np.uint8)
-    # With k > 1, a stack of k batches: the step function scans over its leading axis.
-    batch = {"image": parallel.global_stacked_batch(mesh, images) if k > 1 else parallel.global_batch(mesh, images)}
-
-    start = time.perf_counter()
-    step = train.compile_train_step(train.make_train_step(config, model, mesh), state, batch)
-    compile_s = time.perf_counter() - start
-
-    def train_dispatch() -> None:
-        nonlocal state
-        state, scalars = step(state, batch)
-        jax.block_until_ready(scalars["loss"])
-
+    bench = setup(p, args.dtype, k)
+    num_params = sum(x.size for x in jax.tree.leaves(bench.state.params))
     for _ in range(2):
-        train_dispatch()
+        bench.dispatch()
     repeats = max(3, -(-p.train_repeats // k))
-    train_s = statistics.median(run_times(train_dispatch, repeats)) / k
-    state, scalars = step(state, batch)  # The step donates its input state: keep the new one.
-    loss = float(np.mean(parallel.fetch(scalars["loss"])))
+    train_s = statistics.median(run_times(bench.dispatch, repeats)) / k
+    loss = float(np.mean(parallel.fetch(bench.dispatch()["loss"])))
 
     result = {
         "framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {args.dtype})",
         "params": int(num_params),
         "train_img_s": p.batch_size / train_s,
         "train_step_s": train_s,
-        "compile_s": compile_s,
-        "flops_per_image": 3.0 * forward_flops_per_image(model, p.image_size, p.batch_size),
+        "compile_s": bench.compile_s,
+        "flops_per_image": 3.0 * forward_flops_per_image(bench.model, p.image_size, p.batch_size),
         "steps_per_dispatch": k,
         "dtype": args.dtype,
         "loss": loss,
     }
     if not args.skip_sampling:
-        sample_fn = sampler.make_sampler(config, model, mesh)
-        key = jax.random.PRNGKey(1)
-        compiled = sample_fn.lower(state.ema_params, key, p.batch_size).compile()
-        jax.block_until_ready(compiled(state.ema_params, key))
+        key, params = jax.random.PRNGKey(1), bench.state.ema_params
+        compiled = bench.compiled_sampler(key)
+        jax.block_until_ready(compiled(params, key))
         result["sample_s_per_step"] = statistics.median(
-            run_times(lambda: jax.block_until_ready(compiled(state.ema_params, key)), 3)) / p.sample_steps
+            run_times(lambda: jax.block_until_ready(compiled(params, key)), 3)) / p.sample_steps
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(device_stats())
     peak = peak_flops(result["device_kind"], args.dtype)

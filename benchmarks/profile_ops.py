@@ -37,11 +37,8 @@ from ddpm_jax import xla_flags  # noqa: E402
 xla_flags.apply_defaults()
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from benchmarks import jax_bench, op_profile, presets, run  # noqa: E402
-from ddpm_jax import parallel, sampler, train, train_state  # noqa: E402
-from ddpm_jax.models import unet  # noqa: E402
 
 
 def trace_op_times(fn, calls: int, module: str) -> tuple[dict[str, float], int]:
@@ -91,27 +88,14 @@ def profile_compiled(compiled, call, calls: int, per: int, sample: bool) -> dict
 
 def profile_ours(p: presets.Preset, dtype: str, steps: int, skip_sampling: bool) -> dict:
     """ddpm_jax's train step over `steps` steps and (unless skipped) one sampler call, as op rows."""
-    config = jax_bench.benchmark_config(p, dtype, 1)
-    mesh = parallel.make_mesh()
-    model = unet.create_model(config)
-    state = train_state.init_train_state(config, model, train_state.create_optimizer(config), mesh)
-    images = np.random.default_rng(0).integers(0, 256, (p.batch_size, p.image_size, p.image_size, 3), np.uint8)
-    batch = {"image": parallel.global_batch(mesh, images)}
-    step = train.compile_train_step(train.make_train_step(config, model, mesh), state, batch)
-    holder = {"state": state}
-
-    def train_call() -> None:
-        holder["state"], scalars = step(holder["state"], batch)
-        jax.block_until_ready(scalars["loss"])
-
+    bench = jax_bench.setup(p, dtype, 1)
     for _ in range(2):
-        train_call()
+        bench.dispatch()
     out = {"framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {dtype})",
-           "train": profile_compiled(step, train_call, steps, 1, sample=False)}
+           "train": profile_compiled(bench.step, bench.dispatch, steps, 1, sample=False)}
     if not skip_sampling:
-        key = jax.random.PRNGKey(1)
-        params = holder["state"].ema_params
-        compiled = sampler.make_sampler(config, model, mesh).lower(params, key, p.batch_size).compile()
+        key, params = jax.random.PRNGKey(1), bench.state.ema_params
+        compiled = bench.compiled_sampler(key)
         sample_call = lambda: jax.block_until_ready(compiled(params, key))  # noqa: E731
         sample_call()
         out["sample"] = profile_compiled(compiled, sample_call, 1, p.sample_steps, sample=True)

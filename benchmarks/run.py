@@ -26,10 +26,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 from benchmarks import presets  # noqa: E402
 
 
-def run_child(python: str, script: str, *args: str) -> dict:
-    """Runs benchmarks/<script> in a fresh process and returns the JSON object on the last line of its stdout."""
+def run_child(python: str, script: str, *args: str, env: dict[str, str] | None = None) -> dict:
+    """Runs benchmarks/<script> in a fresh process (with `env`, else ours) and returns the JSON object on the last
+    line of its stdout."""
     cmd = [python, os.path.join(HERE, script), *args]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"error: {' '.join(cmd)} failed with exit code {proc.returncode}; its stderr is above")

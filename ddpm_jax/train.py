@@ -246,13 +246,18 @@ def _save(
     return step
 
 
+def _grid_labels_and_count(config: ml_collections.ConfigDict) -> tuple[np.ndarray | None, int]:
+    """The training grid's class labels (None if unconditional) and how many samples it holds."""
+    labels = sampler.grid_labels(config)
+    return labels, config.sampling.num_samples if labels is None else len(labels)
+
+
 def _write_sample_grid(
     config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh, sample_fn: sampler.Sampler,
     state: TrainState, step: int, writer: metric_writers.MetricWriter, class_names: tuple[str, ...] | None,
 ) -> None:
     """Samples the EMA weights with the training grid's fixed noise and writes samples/step_<N>.png, .npz, strip."""
-    labels = sampler.grid_labels(config)
-    num = config.sampling.num_samples if labels is None else len(labels)
+    labels, num = _grid_labels_and_count(config)
     samples, frames = sampler.generate(sample_fn, state.ema_params, rng.training_grid_key(config.seed), num,
                                        config.sampling.batch_size, mesh, labels=labels)
     if jax.process_index() == 0:
@@ -312,8 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if t.sample_every_steps:
         # The grids' sampler compiled now, before any step's buffers are resident: the quickstart's peak RSS fell
         # from 938 to 755 MiB (its compile at the first grid came on top of them).
-        labels = sampler.grid_labels(config)
-        num = config.sampling.num_samples if labels is None else len(labels)
+        labels, num = _grid_labels_and_count(config)
         sample_fn = sampler.precompile(sample_fn, state.ema_params,
                                        sampler.chunk_size(config.sampling.batch_size, num, mesh.size), labels)
         release_freed_heap()
