@@ -30,6 +30,11 @@ def get_config() -> ml_collections.ConfigDict:
     data.image_size = 32
     data.random_flip = True
     data.tfds_data_dir = ""  # "" means TFDS's default (~/tensorflow_datasets).
+    # Data whose decoded size per host exceeds this is prepared once into a cache of ArrayRecord shards and streamed
+    # from it (0: always; --mode=prepare builds it ahead). Caches live in cache_dir (a folder or gs://bucket/dir).
+    data.in_memory_max_gib = 4.0
+    data.cache_dir = "~/.cache/ddpm_jax/datasets"
+    data.num_workers = 2  # Threads that gather the next batches ahead of the train step (bounded: 2 per thread).
     # Names of the classes for captions, for data whose labels are bare numbers (IDX files); () keeps the data's own.
     data.class_names = ()
 

@@ -35,6 +35,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
 
     _require(config.seed >= 0, f"seed={config.seed} must be >= 0")
     _require(d.image_size > 0, f"data.image_size={d.image_size} must be positive")
+    _require(d.in_memory_max_gib >= 0, f"data.in_memory_max_gib={d.in_memory_max_gib} must be >= 0 (0: always cache)")
+    _require(bool(str(d.cache_dir).strip()), "data.cache_dir is empty; give a folder or gs://bucket/dir for caches")
+    _require(d.num_workers >= 1, f"data.num_workers={d.num_workers} must be at least 1")
     ch_mult = tuple(m.ch_mult)
     _require(len(ch_mult) > 0 and all(c > 0 for c in ch_mult), f"model.ch_mult={ch_mult} needs positive multipliers")
     factor = 2 ** (len(ch_mult) - 1)

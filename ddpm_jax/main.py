@@ -30,6 +30,7 @@ MODES = {
     "fid": "FID and KID of eval.fid_num_samples EMA samples vs the training data",
     "inpaint": "fill the inpaint.mask region of images (RePaint)",
     "edit": "SDEdit images at edit.strength, or denoise edit.noise_sigma",
+    "prepare": "decode data.dataset once into its streamed cache (data.cache_dir)",
 }
 flags.DEFINE_enum("mode", "train", list(MODES), "; ".join(f"{m}: {h}" for m, h in MODES.items()))
 flags.DEFINE_bool("distributed", False, "Join a multi-process run (one process per host). Without "

@@ -18,7 +18,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-from reference_run import MODEL, MODEL_FLAGS, flag  # noqa: E402  (tests/ is on sys.path, as a script and in pytest)
+from reference_run import MODEL, flag  # noqa: E402  (tests/ is on sys.path, as a script and in pytest)
 
 RUN = {"training.log_every_steps": 1, "training.sample_every_steps": 0}  # Progress lines to wait for; no grids.
 
@@ -35,13 +35,16 @@ def tiny_config(dataset: str, **overrides: object):
 
 
 def start_main(workdir: pathlib.Path, dataset: str, *, mode: str = "train", devices: int = 2,
-               **overrides: object) -> subprocess.Popen:
-    """Starts the CLI on the tiny config; stderr (the log) is readable line by line from the returned process."""
-    overrides = {**RUN, **overrides}
-    flags = [*MODEL_FLAGS, f"--config.data.dataset={dataset}", *[flag(k, v) for k, v in overrides.items()]]
+               launcher: tuple[str, ...] = (), **overrides: object) -> subprocess.Popen:
+    """Starts the CLI on the tiny config; stderr (the log) is readable line by line from the returned process.
+
+    `overrides` replace MODEL's values (a key given twice on the command line keeps its first value); `launcher`
+    goes between the interpreter and `-m ddpm_jax.main` (tests/peak_rss.py, to report the peak RSS).
+    """
+    settings = {**MODEL, "data.dataset": dataset, **RUN, **overrides}
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "ddpm_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
-           f"--mode={mode}", *flags]
+    cmd = [sys.executable, *launcher, "-m", "ddpm_jax.main", "--config=configs/quickstart.py", f"--workdir={workdir}",
+           f"--mode={mode}", *[flag(k, v) for k, v in settings.items()]]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -106,18 +109,19 @@ def scenario_sigterm(root: pathlib.Path, dataset: str, sig: int = signal.SIGTERM
 
 
 def scenario_sigkill_exact_resume(root: pathlib.Path, dataset: str, straight: pathlib.Path | None = None,
-                                  total: int = 8) -> None:
+                                  total: int = 8, **extra: object) -> None:
     """Killed with SIGKILL after a checkpoint and rerun until done == never interrupted, bit for bit.
 
     `straight`: a workdir that tests/reference_run.py trained (its final checkpoint is the uninterrupted run, so no
-    straight run is needed here); without it, a straight run of `total` steps is made first.
+    straight run is needed here); without it, a straight run of `total` steps is made first. `extra`: more config
+    overrides of the killed run (the data's, such as streaming it from a cache).
     """
     every = 2
     if straight is not None:
         from reference_run import NUM_STEPS
 
         total, every = NUM_STEPS, 10
-    overrides = {"training.num_train_steps": total, "training.checkpoint_every_steps": every}
+    overrides = {"training.num_train_steps": total, "training.checkpoint_every_steps": every, **extra}
     if straight is None:
         straight = root / "straight"
         result = run_main(straight, dataset, **overrides)

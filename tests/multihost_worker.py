@@ -4,7 +4,10 @@ python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUTDIR DATASET
 
 Each process gets 4 fake CPU devices. It (1) trains a few steps on explicit global batches, feeding only its own
 rows, and saves the resulting parameters; (2) trains through train_and_evaluate with checkpoints and samples
-from the restored checkpoint, so that saving, restoring and process-0-only writing run across processes.
+from the restored checkpoint, so that saving, restoring and process-0-only writing run across processes, streaming
+the data from a cache that both processes ask for at once (one prepares it, the other waits for it); (3) reads one
+epoch of its share of that cache and saves the images, for the test to check that the shares are disjoint and
+cover the dataset.
 """
 
 import os
@@ -63,7 +66,7 @@ def main() -> None:
     logging.set_verbosity(logging.INFO)  # The test reads the progress and resume lines.
     import numpy as np
 
-    from ddpm_jax import train
+    from ddpm_jax import data, train
     from ddpm_jax.modes import sample
 
     assert jax.process_count() == int(num_processes) and jax.device_count() == 4 * int(num_processes)
@@ -77,11 +80,18 @@ def main() -> None:
 
     workdir = outdir / "workdir"
     config.training.num_train_steps, config.training.checkpoint_every_steps = 4, 2
+    config.data.cache_dir, config.data.in_memory_max_gib = str(outdir / "caches"), 0.0
     state = train.train_and_evaluate(config, str(workdir))
     paths = sample.run(config, str(workdir))  # Restores the checkpoint cooperatively.
     if jax.process_index() == 0:
         np.savez(outdir / "trained.npz", **flat_params(state.ema_params))
         (outdir / "sample_paths.txt").write_text("\n".join(paths.values()))
+
+    source = data.source_from_config(config, process_index=jax.process_index(), process_count=jax.process_count())
+    batches = data.train_batches(source, batch_size=5, seed=1, start_step=0)
+    epoch = np.concatenate([next(batches)["image"] for _ in range(-(-len(source) // 5))])[: len(source)]
+    batches.close()
+    np.save(outdir / f"epoch_{jax.process_index()}.npy", epoch)
     print(f"process {jax.process_index()} done", flush=True)
 
 

@@ -115,7 +115,7 @@ def test_train_batches_propagates_errors() -> None:
 
 
 def _producer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "ddpm_jax.train_batches" and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name.startswith("ddpm_jax.train_batches") and t.is_alive()]
 
 
 def test_train_batches_close_stops_the_thread() -> None:

@@ -11,8 +11,9 @@ from ddpm_jax.errors import DataError
 from ddpm_jax.evaluation import bits_per_dim
 
 
-def test_the_bound_does_not_depend_on_batch_size_or_device_count(trained_run):
-    """10 images: 8 devices in calls of 8 (the second padded with weight-0 copies), and 1 device in one call."""
+def test_the_bound_does_not_depend_on_batch_size_or_device_count(trained_run, tmp_path):
+    """10 images: 8 devices in calls of 8 (the second padded with weight-0 copies), and 1 device in one call; the
+    same from the data's prepared cache."""
     workdir, config, _, _ = trained_run
     config = config.copy_and_resolve_references()
     config.eval.split, config.eval.num_examples, config.eval.batch_size = "train", 10, 8
@@ -30,6 +31,13 @@ def test_the_bound_does_not_depend_on_batch_size_or_device_count(trained_run):
     assert all(math.isfinite(eight[k]) and eight[k] > 0 for k in parts), eight
     assert eight["bits_per_dim"] == pytest.approx(eight["prior_bpd"] + eight["decoder_bpd"] + eight["diffusion_bpd"])
     assert len(eight["mse_per_t"]) == 100 and all(m > 0 for m in eight["mse_per_t"])
+    config.data.cache_dir, config.data.in_memory_max_gib = str(tmp_path), 0.0
+    cached = data.source_from_config(config)
+    assert isinstance(cached, data.CachedSource)
+    streamed = bits_per_dim.evaluate_bound(config, model, jax.device_get(params), parallel.make_mesh(jax.devices()[:1]),
+                                           cached, step)
+    assert streamed["bits_per_dim"] == one["bits_per_dim"]
+    np.testing.assert_array_equal(streamed["bpd_per_t"], one["bpd_per_t"])
 
 
 def test_a_folder_without_a_held_out_split_names_the_options(tiny):

@@ -71,3 +71,18 @@ def test_reference_cache_names_data_split_size_and_network(tmp_path, butterflies
     assert fid_evaluator.reference_cache_path(config, tiny_extractor(name="other")) != path
     config.data.image_size = 16
     assert fid_evaluator.reference_cache_path(config, extractor) != path
+
+
+def test_reference_statistics_from_a_prepared_cache_equal_those_from_memory(tmp_path, butterflies_dir):
+    extractor = tiny_extractor()
+    config = tiny_config(str(butterflies_dir), 8)
+    config.eval.fid_cache_dir = str(tmp_path / "memory")
+    memory = fid_evaluator.reference_statistics(config, extractor)
+    config.eval.fid_cache_dir = str(tmp_path / "streamed")
+    config.data.cache_dir, config.data.in_memory_max_gib = str(tmp_path / "caches"), 0.0
+    streamed = fid_evaluator.reference_statistics(config, extractor)
+    assert any((tmp_path / "caches").iterdir())  # read from the cache that the call prepared
+    np.testing.assert_allclose(streamed["mu"], memory["mu"], rtol=1e-12)
+    np.testing.assert_allclose(streamed["sigma"], memory["sigma"], rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(streamed["kid_features"], memory["kid_features"])
+    assert int(streamed["num_images"]) == 101

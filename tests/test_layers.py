@@ -19,7 +19,7 @@ LAYERS = [
 ]
 # Third-party packages that only one data route or tool needs, imported where they are used so that the rest of the
 # package does not pay for them (test_data.py checks that importing ddpm_jax.data stays light).
-LAZY_THIRD_PARTY = {"tensorflow_datasets", "huggingface_hub", "pyarrow", "torch"}
+LAZY_THIRD_PARTY = {"tensorflow_datasets", "huggingface_hub", "pyarrow", "torch", "array_record"}
 # main defers its imports so that --help answers at once and XLA_FLAGS is set before JAX starts.
 DEFERRED = {("ddpm_jax.main", "main")}
 

@@ -13,6 +13,7 @@ from helpers import REPO, flat_params, tiny_config
 from multihost_worker import NUM_STEPS, explicit_batches, train_on_explicit_batches
 
 from ddpm_jax import checkpointing, parallel
+from ddpm_jax.data import cache
 from ddpm_jax.errors import ConfigError
 
 
@@ -80,6 +81,18 @@ def test_two_processes_checkpoint_restore_and_write_once(two_process_run, butter
     trained = np.load(outdir / "trained.npz")
     for k, v in flat_params(ema_params).items():
         np.testing.assert_array_equal(trained[k], v, err_msg=k)
+
+
+def test_two_processes_stream_disjoint_shares_of_one_cache_that_cover_the_dataset(two_process_run):
+    outdir, logs = two_process_run
+    (folder,) = [p for p in (outdir / "caches").iterdir() if (p / cache.MANIFEST).is_file()]
+    assert sum("data: prepared 101 images" in log for log in logs) == 1  # the other process waited for it
+    assert all("preparing a cache" in log for log in logs)
+    whole = cache.open_source(str(folder), cache.read_manifest(str(folder)))
+    everything = {image.tobytes() for image in whole.get_batch(np.arange(len(whole)))}
+    epochs = [[image.tobytes() for image in np.load(outdir / f"epoch_{i}.npy")] for i in (0, 1)]
+    assert [len(e) for e in epochs] == [51, 50] and all(len(set(e)) == len(e) for e in epochs)  # an epoch each
+    assert not set(epochs[0]) & set(epochs[1]) and set(epochs[0]) | set(epochs[1]) == everything
 
 
 def test_map_chunks_pads_the_last_chunk_and_trims_every_output():

@@ -1,7 +1,9 @@
 """Datasets -> per-host uint8 image batches, with no TensorFlow and no iterator state: the one data interface.
 
-Every source is decoded once into host memory as uint8 images at the target resolution (an `ArraySource`). The batch
-for training step `s` is a pure function of (seed, step, this host's share of the data), so resuming at any step
+Every source is opened without decoding (a `RawDataset`), then decoded once at the target resolution: into host memory
+(an `ArraySource`) when it fits in data.in_memory_max_gib, else into a prepared cache of ArrayRecord shards that is
+read by index (`cache`, a `CachedSource`); both hold uint8 images in the same order. The batch for training step `s`
+is a pure function of (seed, step, this host's share of the data), so resuming at any step
 reproduces the data order exactly from the step number alone (`batching`). Random flips and scaling to [-1, 1]
 happen on the device in the train step; batches are dicts {"image": uint8 (B, S, S, 3)[, "label": int32 (B,)]}.
 
@@ -18,26 +20,68 @@ images, a TFDS `label` ClassLabel feature, or an integer or string `label` colum
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
 from absl import logging
 from PIL import Image
 
-from ddpm_jax.data import hints, huggingface, local, tfds
+from ddpm_jax import fileio
+from ddpm_jax.data import cache, hints, huggingface, local, tfds
 from ddpm_jax.data.batching import batch_indices, train_batches
 from ddpm_jax.data.decode import load_image
 from ddpm_jax.data.local import IMAGE_EXTENSIONS
-from ddpm_jax.data.source import ArraySource, ImageSource
+from ddpm_jax.data.raw import RawDataset
+from ddpm_jax.data.source import ArraySource, CachedSource, ImageSource
 from ddpm_jax.errors import ConfigError, DataError
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ArraySource", "DataError", "ImageSource", "batch_indices", "check_class_labels",
-    "create_source", "load_image", "load_inputs", "source_from_config", "train_batches",
+    "IMAGE_EXTENSIONS", "ArraySource", "CachedSource", "DataError", "ImageSource", "RawDataset", "batch_indices",
+    "check_class_labels", "create_source", "load_image", "load_inputs", "open_dataset", "prepare_from_config",
+    "source_from_config", "train_batches",
 ]
+
+
+def open_dataset(
+    dataset: str | os.PathLike[str],
+    image_size: int,
+    *,
+    split: str = "train",
+    tfds_data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> RawDataset:
+    """Opens this host's share (examples i with i % process_count == process_index) of `dataset`, decoding nothing."""
+    if not isinstance(image_size, int | np.integer) or image_size < 1:
+        raise DataError(f"data.image_size must be a positive integer, got {image_size!r}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise DataError(f"process_index must be in [0, process_count), got {process_index} of {process_count}")
+    spec = os.fspath(dataset).strip() if dataset is not None else ""
+    if not spec:
+        raise DataError(f"data.dataset is empty; use {hints.ACCEPTED_FORMS}")
+    image_size = int(image_size)
+    shard = (process_index, process_count)
+    path = pathlib.Path(spec).expanduser()
+    if path.is_dir():
+        idx_file = local.find_idx_file(path, split)
+        if idx_file is not None:
+            return local.open_idx(idx_file, image_size, split, *shard)
+        return local.open_folder(local.folder_for_split(path, split), image_size, split, *shard,
+                                 bare_name=not local.looks_like_path(spec))
+    if spec.startswith(hints.HF_PREFIX):
+        return huggingface.open_huggingface(spec[len(hints.HF_PREFIX) :].strip(), image_size, split, *shard)
+    if local.looks_like_path(spec):
+        if path.exists():
+            raise DataError(
+                f"data.dataset: {spec} is a file, not a folder; point it at the folder that holds the images"
+            )
+        raise DataError(f"data.dataset: folder {spec} does not exist; use {hints.ACCEPTED_FORMS}")
+    return tfds.open_tfds(spec, image_size, split, tfds_data_dir, *shard)
 
 
 def create_source(
@@ -49,55 +93,86 @@ def create_source(
     process_index: int = 0,
     process_count: int = 1,
 ) -> ArraySource:
-    """Loads this host's share (examples i with i % process_count == process_index) of `dataset` into memory."""
-    if not isinstance(image_size, int | np.integer) or image_size < 1:
-        raise DataError(f"data.image_size must be a positive integer, got {image_size!r}")
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise DataError(f"process_index must be in [0, process_count), got {process_index} of {process_count}")
-    spec = os.fspath(dataset).strip() if dataset is not None else ""
-    if not spec:
-        raise DataError(f"data.dataset is empty; use {hints.ACCEPTED_FORMS}")
-    image_size = int(image_size)
-    shard = (process_index, process_count)
+    """Decodes this host's share (examples i with i % process_count == process_index) of `dataset` into memory."""
     start = time.perf_counter()
+    raw = open_dataset(dataset, image_size, split=split, tfds_data_dir=tfds_data_dir, process_index=process_index,
+                       process_count=process_count)
+    return _decode_into_memory(raw, start, process_index, process_count)
 
-    path = pathlib.Path(spec).expanduser()
-    if path.is_dir():
-        idx_file = local.find_idx_file(path, split)
-        if idx_file is not None:
-            images = local.load_idx(idx_file, image_size, *shard)
-            labels, class_names = local.load_idx_labels(idx_file, *shard)
-        else:
-            images, labels, class_names = local.load_folder(
-                local.folder_for_split(path, split), image_size, *shard, bare_name=not local.looks_like_path(spec)
-            )
-    elif spec.startswith(hints.HF_PREFIX):
-        repo_id = spec[len(hints.HF_PREFIX) :].strip()
-        images, labels, class_names = huggingface.load_huggingface(repo_id, image_size, split, *shard)
-    elif local.looks_like_path(spec):
-        if path.exists():
-            raise DataError(
-                f"data.dataset: {spec} is a file, not a folder; point it at the folder that holds the images"
-            )
-        raise DataError(f"data.dataset: folder {spec} does not exist; use {hints.ACCEPTED_FORMS}")
-    else:
-        images, labels, class_names = tfds.load_tfds(spec, image_size, split, tfds_data_dir, *shard)
 
+def _decode_into_memory(raw: RawDataset, start: float, process_index: int, process_count: int) -> ArraySource:
+    """raw.load(), logged with the count, the size and the time since `start`."""
+    source = raw.load()
     logging.info(
-        "data: %s (split %s, host %d of %d): %d images at %dx%d in %.1f s%s", spec, split, process_index,
-        process_count, len(images), image_size, image_size, time.perf_counter() - start,
-        f", {len(class_names)} classes" if class_names is not None else "",
+        "data: %s (split %s, host %d of %d): %d images at %dx%d in %.1f s%s", raw.name, raw.split, process_index,
+        process_count, len(source), raw.image_size, raw.image_size, time.perf_counter() - start,
+        f", {len(source.class_names)} classes" if source.class_names is not None else "",
     )
-    return ArraySource(images, labels, class_names)
+    return source
 
 
 def source_from_config(
-    config: ml_collections.ConfigDict, *, split: str | None = None, process_index: int = 0, process_count: int = 1
-) -> ArraySource:
-    """config.data's dataset at data.image_size, split `split` (default data.split), this host's share of it."""
+    config: ml_collections.ConfigDict, *, split: str | None = None, process_index: int = 0, process_count: int = 1,
+    whole: bool = False,
+) -> ImageSource:
+    """config.data's dataset at data.image_size, split `split` (default data.split): this host's share, or all of it
+    when `whole` (process_index and process_count then only say which process may write a bucket's cache).
+
+    A prepared cache of the same data is read when there is one; otherwise data whose decoded share exceeds
+    data.in_memory_max_gib is prepared into a cache first and streamed from it, and smaller data is decoded into
+    memory. The log says which and why.
+    """
     d = config.data
-    return create_source(d.dataset, d.image_size, split=split or d.split, tfds_data_dir=d.tfds_data_dir or None,
-                         process_index=process_index, process_count=process_count)
+    share = (0, 1) if whole else (process_index, process_count)
+    start = time.perf_counter()
+    path, manifest, raw, opened = _cache_and_source(config, split or d.split, *share)
+    if manifest is not None:
+        logging.info("data: reading the prepared cache %s", cache.summary(manifest, path))
+        return cache.open_source(path, manifest, *share)
+    # Every host decides alike: on the largest share (ceil(total / hosts)), not on its own.
+    share_gib = -(-raw.total // share[1]) * d.image_size**2 * 3 / 2**30
+    if share_gib <= d.in_memory_max_gib:
+        logging.info("data: %s decoded is %.3g GiB per host, within data.in_memory_max_gib=%g: decoding it into "
+                     "memory", raw.name, share_gib, d.in_memory_max_gib)
+        return _decode_into_memory(raw, start, *share)
+    logging.info("data: %s decoded is %.3g GiB per host, over data.in_memory_max_gib=%g: preparing a cache at %s "
+                 "and streaming from it", raw.name, share_gib, d.in_memory_max_gib, path)
+    if fileio.is_remote(path) and process_index != 0:
+        manifest = cache.wait_for(path)  # process 0 writes a bucket's cache; the others wait for its manifest
+    else:
+        manifest = cache.prepare(raw if share[1] == 1 else opened(), path, cache.dataset_id(d.dataset))
+    return cache.open_source(path, manifest, *share)
+
+
+def prepare_from_config(config: ml_collections.ConfigDict, split: str | None = None) -> tuple[str, dict, bool]:
+    """Prepares the cache of config.data's dataset and split (whatever its size): (path, manifest, newly built)."""
+    path, manifest, raw, _ = _cache_and_source(config, split or config.data.split, 0, 1)
+    if manifest is not None:
+        return path, manifest, False
+    return path, cache.prepare(raw, path, cache.dataset_id(config.data.dataset)), True
+
+
+def _cache_and_source(
+    config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> tuple[str, dict | None, RawDataset | None, Callable[[], RawDataset]]:
+    """The cache folder, its checked manifest (None if there is no complete cache), the opened source (None only
+    when it cannot be opened but its cache can be read) and how to open the whole source."""
+    d = config.data
+    dataset = cache.dataset_id(d.dataset)
+    path = cache.cache_path(d.cache_dir, dataset, split, d.image_size)
+    manifest = cache.read_manifest(path)
+    opened = functools.partial(open_dataset, d.dataset, d.image_size, split=split,
+                               tfds_data_dir=d.tfds_data_dir or None)
+    try:
+        raw = opened(process_index=process_index, process_count=process_count)
+    except DataError as e:
+        if manifest is None:
+            raise
+        logging.warning("data: cannot open %s here (%s); reading its prepared cache as it is", d.dataset, e)
+        raw = None
+    if manifest is not None:
+        cache.check(manifest, path, dataset, split, d.image_size, raw)
+    return path, manifest, raw, opened
 
 
 def check_class_labels(config: ml_collections.ConfigDict, source: ImageSource) -> tuple[str, ...] | None:

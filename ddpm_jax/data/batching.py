@@ -1,4 +1,4 @@
-"""Training batches: a pure function of (seed, step, this host's data), built ahead in a thread, as dicts.
+"""Training batches: a pure function of (seed, step, this host's data), built ahead by worker threads, as dicts.
 
 The batch of step `s` holds positions s*B .. s*B+B-1 of an endless stream of seeded epoch permutations, so a
 resumed run reproduces the data order from the step number alone. Each item is {"image": uint8 (B, S, S, 3)} plus
@@ -7,9 +7,10 @@ resumed run reproduces the data order from the step number alone. Each item is {
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
-import queue
-import threading
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,18 +40,19 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
 
 def train_batches(
     source: ImageSource, *, batch_size: int, seed: int, start_step: int, prefetch: int = 2, with_labels: bool = False,
-    steps_per_item: int = 1,
+    steps_per_item: int = 1, workers: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields this host's batches for steps start_step, start_step + 1, ... forever, built ahead in a thread.
+    """Yields this host's batches for steps start_step, start_step + 1, ... forever, built ahead by `workers` threads
+    at most `prefetch` items ahead.
 
     Each item is {"image": uint8 (B, S, S, 3)}, with "label" (int32 (B,), the same examples) when `with_labels` (the
     source must have labels). With steps_per_item = k > 1, each item holds k consecutive steps' batches stacked on a
     leading axis: (k, B, S, S, 3) and (k, B), for a train step that runs k steps per call.
     """
-    if batch_size < 1 or prefetch < 1 or start_step < 0 or steps_per_item < 1:
+    if batch_size < 1 or prefetch < 1 or start_step < 0 or steps_per_item < 1 or workers < 1:
         raise ValueError(
-            "need batch_size >= 1, prefetch >= 1, start_step >= 0, steps_per_item >= 1; got "
-            f"{batch_size}, {prefetch}, {start_step}, {steps_per_item}"
+            "need batch_size >= 1, prefetch >= 1, start_step >= 0, steps_per_item >= 1, workers >= 1; got "
+            f"{batch_size}, {prefetch}, {start_step}, {steps_per_item}, {workers}"
         )
     num_examples = len(source)
     if num_examples < 1:
@@ -72,7 +74,7 @@ def train_batches(
         steps = [batch(first + j) for j in range(steps_per_item)]
         return {key: np.stack([b[key] for b in steps]) for key in steps[0]}
 
-    return _prefetching(item, prefetch)
+    return _prefetching(item, prefetch, workers)
 
 
 @functools.lru_cache(maxsize=4)
@@ -83,39 +85,19 @@ def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
     return perm
 
 
-def _prefetching(make_item: Callable[[int], Any], prefetch: int) -> Iterator[Any]:
-    """Yields make_item(0), make_item(1), ... built ahead by a daemon thread into a bounded queue, until closed."""
-    q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
+def _prefetching(make_item: Callable[[int], Any], prefetch: int, workers: int = 1) -> Iterator[Any]:
+    """Yields make_item(0), make_item(1), ... in order, built ahead by `workers` threads, at most `prefetch` ahead.
 
-    def put(item: tuple[Any, BaseException | None]) -> bool:
-        # Poll so that a producer blocked on a full queue notices a closed consumer.
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        i = 0
-        try:
-            while not stop.is_set():
-                if not put((make_item(i), None)):
-                    return
-                i += 1
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            put((None, e))
-
-    thread = threading.Thread(target=produce, name="ddpm_jax.train_batches", daemon=True)
-    thread.start()
+    Item i depends on i alone, so the order of the items never depends on which thread built which.
+    """
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ddpm_jax.train_batches")
+    pending = collections.deque(pool.submit(make_item, i) for i in range(prefetch))
     try:
-        while True:
-            item, error = q.get()
-            if error is not None:
-                raise error
+        for i in itertools.count(prefetch):
+            item = pending.popleft().result()  # re-raises what building it raised
+            pending.append(pool.submit(make_item, i))
             yield item
     finally:
-        stop.set()
-        thread.join(timeout=10.0)
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)  # at most one item per thread is still being built

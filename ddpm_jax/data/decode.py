@@ -1,6 +1,6 @@
 """Decoding any image (file, bytes or array) to uint8 (S, S, 3) one way: RGB, shorter side resized to S, centre-cropped.
 
-Also the parallel decode loop every source uses, and the per-host share of a dataset.
+Also the parallel decode loop every source streams through, and the per-host share of a dataset.
 """
 
 from __future__ import annotations
@@ -108,15 +108,16 @@ def array_to_square_rgb(array: np.ndarray, image_size: int) -> np.ndarray:
     return resize_center_crop(rgb8(img), image_size)
 
 
-def decode_parallel(
-    items: Iterable[tuple[str, Any]], count: int, decode: Callable[[Any], np.ndarray], image_size: int
-) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray]:
-    """Decodes (name, payload) items in a thread pool (PIL releases the GIL).
+def decoded_chunks(
+    items: Iterable[tuple[str, Any, int | None]], total: int, decode: Callable[[Any], np.ndarray], what: str,
+    kind: str = "files",
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Decodes (name, payload, label) items CHUNK at a time in a thread pool (PIL releases the GIL).
 
-    Returns the images, the failures, and the positions of the decoded items (to keep their labels aligned).
+    Yields (uint8 images (n, S, S, 3), int32 labels (n,) or None) for the items that decoded, in their order.
+    Unreadable items are skipped and reported once at the end, which raises DataError when none of the `total`
+    items could be read.
     """
-    out = np.empty((count, image_size, image_size, 3), np.uint8)
-    ok = np.zeros(count, bool)
     failures: list[tuple[str, str]] = []
 
     def attempt(payload: Any) -> np.ndarray | str:
@@ -127,20 +128,23 @@ def decode_parallel(
         except Exception as e:  # a bad file is skipped and reported, never fatal on its own
             return reason(e)
 
-    i = 0
+    seen = 0
     with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="ddpm_jax.decode") as pool:
         for chunk in chunks(items, CHUNK):
-            names = [name for name, _ in chunk]
-            for j, result in enumerate(pool.map(attempt, [payload for _, payload in chunk])):
+            seen += len(chunk)
+            results = pool.map(attempt, [payload for _, payload, _ in chunk])
+            images, labels = [], []
+            for (name, _, label), result in zip(chunk, results, strict=True):
                 if isinstance(result, np.ndarray):
-                    out[i + j] = result
-                    ok[i + j] = True
+                    images.append(result)
+                    labels.append(label)
                 else:
-                    failures.append((names[j], result))
-            i += len(chunk)
-    if i != count:
-        raise AssertionError(f"expected {count} items, got {i}")
-    return (out if ok.all() else out[ok]), failures, np.flatnonzero(ok)
+                    failures.append((name, result))
+            if images:
+                yield np.stack(images), (None if labels[0] is None else np.asarray(labels, np.int32))
+    if seen != total:
+        raise AssertionError(f"expected {total} items, got {seen}")
+    report_failures(what, total, failures, kind)
 
 
 def chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

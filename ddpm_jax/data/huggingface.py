@@ -14,6 +14,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax.data import decode, hints, network
+from ddpm_jax.data.raw import RawDataset, fingerprint
 from ddpm_jax.errors import DataError
 
 
@@ -78,10 +79,8 @@ def _select_split_files(files: list[pathlib.Path], root: pathlib.Path, split: st
     raise DataError(f"data.split: {name} has no parquet files for split {split!r} (files: {listing})")
 
 
-def load_huggingface(
-    repo_id: str, image_size: int, split: str, process_index: int, process_count: int
-) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """Images (uint8 (N, S, S, 3)) and labels, if any, of a Hugging Face dataset repo (parquet, column `image`)."""
+def open_huggingface(repo_id: str, image_size: int, split: str, process_index: int, process_count: int) -> RawDataset:
+    """A Hugging Face dataset repo (parquet, column `image`) with its labels, if any, opened (downloaded once)."""
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
         raise DataError(f"data.dataset: {hints.HF_PREFIX}{repo_id!r} is not of the form {hints.HF_PREFIX}OWNER/NAME")
     root = _hf_download(repo_id)
@@ -89,7 +88,8 @@ def load_huggingface(
     if not files:
         raise DataError(f"{hints.HF_PREFIX}{repo_id} has no parquet files; {hints.LOCAL_FOLDER_HINT}")
     files = _select_split_files(files, root, split, f"{hints.HF_PREFIX}{repo_id}")
-    return read_parquet(files, image_size, process_index=process_index, process_count=process_count)
+    return open_parquet(files, image_size, split=split, process_index=process_index, process_count=process_count,
+                        name=f"{hints.HF_PREFIX}{repo_id}")
 
 
 def _decode_hf_image(value: Any, image_size: int) -> np.ndarray:
@@ -112,6 +112,14 @@ def read_parquet_images(
 ) -> np.ndarray:
     """Decodes the `image` column of parquet files (rows numbered across files in order) -> uint8 (N, S, S, 3)."""
     return read_parquet(files, image_size, process_index=process_index, process_count=process_count)[0]
+
+
+def read_parquet(
+    files: Sequence[str | os.PathLike], image_size: int, *, process_index: int = 0, process_count: int = 1
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
+    """This host's decoded images of the `image` column, with their labels and the class names when there are any."""
+    source = open_parquet(files, image_size, process_index=process_index, process_count=process_count).load()
+    return source.images, source.labels, source.class_names
 
 
 def _read_parquet_labels(files: Sequence[pathlib.Path]) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
@@ -142,10 +150,11 @@ def _read_parquet_labels(files: Sequence[pathlib.Path]) -> tuple[np.ndarray | No
     return labels.astype(np.int32), tuple(str(k) for k in range(int(labels.max()) + 1))
 
 
-def read_parquet(
-    files: Sequence[str | os.PathLike], image_size: int, *, process_index: int = 0, process_count: int = 1
-) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """This host's decoded images of the `image` column, with their labels and the class names when there are any."""
+def open_parquet(
+    files: Sequence[str | os.PathLike], image_size: int, *, split: str = "train", process_index: int = 0,
+    process_count: int = 1, name: str | None = None,
+) -> RawDataset:
+    """This host's rows of the `image` column of parquet files, opened, with their labels and class names if any."""
     import pyarrow as pa  # lazy: only the Hugging Face route needs it
     import pyarrow.parquet as pq
 
@@ -159,8 +168,9 @@ def read_parquet(
             raise DataError(f"{f}: no 'image' column (columns: {', '.join(schema.names)}); expected an image dataset")
         total += pq.ParquetFile(f).metadata.num_rows
     mine = decode.host_share(total, process_index, process_count, f"parquet files ({files[0].parent})")
+    labels, class_names = _read_parquet_labels(files)  # every row: hosts must agree on the classes
 
-    def rows() -> Iterator[tuple[str, Any]]:
+    def rows() -> Iterator[tuple[str, Any, int | None]]:
         row = 0
         for f in files:
             in_file = 0
@@ -169,15 +179,17 @@ def read_parquet(
                 keep = np.nonzero((row + np.arange(n)) % process_count == process_index)[0]
                 cells = batch.column(0).take(pa.array(keep)).to_pylist()  # only this host's rows are copied
                 for k, cell in zip(keep, cells, strict=True):
-                    yield f"{f} row {in_file + int(k)}", cell
+                    label = None if labels is None else int(labels[row + int(k)])
+                    yield f"{f} row {in_file + int(k)}", cell, label
                 row += n
                 in_file += n
 
-    images, failures, kept = decode.decode_parallel(
-        rows(), len(mine), lambda v: _decode_hf_image(v, image_size), image_size
-    )
-    decode.report_failures(str(files[0].parent), len(mine), failures, kind="parquet rows")
-    labels, class_names = _read_parquet_labels(files)  # every row: hosts must agree on the classes
-    if labels is not None:
-        labels = labels[np.asarray(mine)][kept]
-    return images, labels, class_names
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        return decode.decoded_chunks(rows(), len(mine), lambda v: _decode_hf_image(v, image_size),
+                                     str(files[0].parent), kind="parquet rows")
+
+    # A Hub snapshot's files link to blobs named by their content hash; other files count by name, size and time.
+    stamps = [(f.name, f.stat().st_size, os.path.realpath(f).rsplit(os.sep, 1)[-1] if f.is_symlink()
+               else f.stat().st_mtime_ns) for f in files]
+    return RawDataset(name=name or str(files[0].parent), split=split, image_size=image_size, count=len(mine),
+                      total=total, class_names=class_names, fingerprint=fingerprint("parquet", stamps), chunks=chunks)

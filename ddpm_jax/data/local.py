@@ -1,4 +1,5 @@
-"""Local folders: images found recursively (labels from first-level sub-folders) or MNIST-style IDX files."""
+"""Local folders, opened as `RawDataset`s: images found recursively (labels from first-level sub-folders) or
+MNIST-style IDX files."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import concurrent.futures
 import gzip
 import os
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import decode, hints
+from ddpm_jax.data.raw import RawDataset, fingerprint
 from ddpm_jax.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
@@ -80,33 +83,56 @@ def _resize_square_gray_stack(images: np.ndarray, image_size: int) -> np.ndarray
     return cols.reshape(image_size, n, image_size).transpose(1, 0, 2)
 
 
-def load_idx(path: pathlib.Path, image_size: int, process_index: int, process_count: int) -> np.ndarray:
-    """MNIST-style IDX images -> uint8 (N, S, S, 3): grayscale repeated to RGB, bicubic-resized to S."""
-    array = _read_idx(path)
-    if array.ndim != 3:
-        raise DataError(f"{path}: expected IDX images of shape (N, H, W), got {array.shape}")
-    mine = array[decode.host_share(len(array), process_index, process_count, str(path))]
-    n, h, w = mine.shape
-    if (h, w) == (image_size, image_size):
-        gray = np.ascontiguousarray(mine)
-    elif h == w:
+def _file_stamp(path: pathlib.Path, root: pathlib.Path | None = None) -> tuple[str, int, int]:
+    """(name or relative path, size, modification time in ns): what a source's fingerprint is made of."""
+    st = path.stat()
+    return (path.relative_to(root).as_posix() if root is not None else path.name, st.st_size, st.st_mtime_ns)
+
+
+def open_idx(path: pathlib.Path, image_size: int, split: str, process_index: int, process_count: int) -> RawDataset:
+    """MNIST-style IDX images (and the label file beside them), opened: grayscale repeated to RGB, bicubic to S."""
+    count = _read_idx_count(path)
+    share = decode.host_share(count, process_index, process_count, str(path))
+    labels, class_names = load_idx_labels(path, process_index, process_count)
+    label_file = _label_file(path)
+    stamps = [_file_stamp(path)] + ([_file_stamp(label_file)] if label_file is not None else [])
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        array = _read_idx(path)
+        if array.ndim != 3:
+            raise DataError(f"{path}: expected IDX images of shape (N, H, W), got {array.shape}")
+        mine = array[share]
+        n, h, w = mine.shape
+        step = decode.CHUNK
         with concurrent.futures.ThreadPoolExecutor(thread_name_prefix="ddpm_jax.idx") as pool:
-            step = decode.CHUNK
-            parts = pool.map(lambda lo: _resize_square_gray_stack(mine[lo : lo + step], image_size), range(0, n, step))
-            gray = np.concatenate(list(parts))
-    else:
-        gray = np.stack([decode.resize_center_crop(Image.fromarray(im, "L"), image_size)[:, :, 0] for im in mine])
-    return np.repeat(gray[..., None], 3, axis=3)
+            if (h, w) == (image_size, image_size):
+                parts = (np.ascontiguousarray(mine[lo : lo + step]) for lo in range(0, n, step))
+            elif h == w:
+                parts = pool.map(lambda lo: _resize_square_gray_stack(mine[lo : lo + step], image_size),
+                                 range(0, n, step))
+            else:
+                parts = (np.stack([decode.resize_center_crop(Image.fromarray(im, "L"), image_size)[:, :, 0]
+                                   for im in mine[lo : lo + step]]) for lo in range(0, n, step))
+            for lo, gray in zip(range(0, n, step), parts, strict=True):
+                yield np.repeat(gray[..., None], 3, axis=3), (None if labels is None else labels[lo : lo + len(gray)])
+
+    return RawDataset(name=str(path.parent), split=split, image_size=image_size, count=len(share), total=count,
+                      class_names=class_names, fingerprint=fingerprint("idx", stamps), chunks=chunks)
+
+
+def _label_file(images_file: pathlib.Path) -> pathlib.Path | None:
+    """The IDX label file beside `images_file` (train-labels-idx1-ubyte[.gz]), or None."""
+    name = images_file.name.replace("images", "labels").replace("idx3", "idx1")
+    candidates = [images_file.with_name(name)]
+    candidates.append(images_file.with_name(name[:-3] if name.endswith(".gz") else name + ".gz"))
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_idx_labels(
     images_file: pathlib.Path, process_index: int, process_count: int
 ) -> tuple[np.ndarray | None, tuple[str, ...] | None]:
     """Labels from the IDX label file beside `images_file` (train-labels-idx1-ubyte[.gz]); (None, None) if absent."""
-    name = images_file.name.replace("images", "labels").replace("idx3", "idx1")
-    candidates = [images_file.with_name(name)]
-    candidates.append(images_file.with_name(name[:-3] if name.endswith(".gz") else name + ".gz"))
-    path = next((c for c in candidates if c.is_file()), None)
+    path = _label_file(images_file)
     if path is None:
         return None, None
     labels = _read_idx(path)
@@ -122,8 +148,16 @@ def load_idx_labels(
 def _read_idx_count(path: pathlib.Path) -> int:
     """The first dimension (number of items) in an IDX file's header, without reading the data."""
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        return int(np.frombuffer(f.read(8), dtype=">u4")[1])
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(8)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file: {decode.reason(e)}") from e
+    if len(header) < 4 or header[0] != 0 or header[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if len(header) < 8:
+        raise DataError(f"{path}: truncated IDX header")
+    return int(np.frombuffer(header, dtype=">u4")[1])
 
 
 def folder_for_split(root: pathlib.Path, split: str) -> pathlib.Path:
@@ -160,10 +194,11 @@ def list_image_files(
     return [p for _, p in found]
 
 
-def load_folder(
-    root: pathlib.Path, image_size: int, process_index: int, process_count: int, *, bare_name: bool = False
-) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """Every readable image under `root` -> uint8 (N, S, S, 3); unreadable files are skipped with one warning.
+def open_folder(
+    root: pathlib.Path, image_size: int, split: str, process_index: int, process_count: int, *,
+    bare_name: bool = False,
+) -> RawDataset:
+    """Every image under `root`, opened; unreadable files are skipped with one warning when decoded.
 
     When every image sits in a first-level sub-folder, the sorted sub-folder names are the classes 0..K-1 and their
     labels come along; otherwise labels and class names are None.
@@ -174,16 +209,15 @@ def load_folder(
         exts = "/".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
         raise DataError(f"data.dataset: folder {root} contains no image files ({exts}){hint}")
     share = decode.host_share(len(paths), process_index, process_count, f"folder {root}")
-    mine = [paths[i] for i in share]
-    images, failures, kept = decode.decode_parallel(
-        ((str(p), p) for p in mine), len(mine), lambda p: decode.load_image(p, image_size), image_size
-    )
-    decode.report_failures(str(root), len(mine), failures)
     # Class names from every file (not this host's share), so that every host numbers the classes alike.
     folders = [p.relative_to(root).parts[0] if len(p.relative_to(root).parts) > 1 else None for p in paths]
-    if None in folders:
-        return images, None, None
-    class_names = tuple(sorted(set(folders)))
-    ids = {name: k for k, name in enumerate(class_names)}
-    labels = np.array([ids[folders[i]] for i in share], np.int32)[kept]
-    return images, labels, class_names
+    class_names = None if None in folders else tuple(sorted(set(folders)))
+    ids = {name: k for k, name in enumerate(class_names or ())}
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        items = ((str(paths[i]), paths[i], ids[folders[i]] if class_names else None) for i in share)
+        return decode.decoded_chunks(items, len(share), lambda p: decode.load_image(p, image_size), str(root))
+
+    return RawDataset(name=str(root), split=split, image_size=image_size, count=len(share), total=len(paths),
+                      class_names=class_names,
+                      fingerprint=fingerprint("folder", [_file_stamp(p, root) for p in paths]), chunks=chunks)

@@ -1,4 +1,4 @@
-"""Random access to a host's images: the `ImageSource` protocol and the in-memory `ArraySource`."""
+"""Random access to a host's images: the `ImageSource` protocol, the in-memory `ArraySource` and the cached one."""
 
 from __future__ import annotations
 
@@ -72,3 +72,57 @@ class ArraySource:
         """Short description with count, size and classes."""
         classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
         return f"ArraySource({len(self)} images, {self.image_size}x{self.image_size}{classes})"
+
+
+class CachedSource:
+    """`ImageSource` over a prepared cache's ArrayRecord shards: this host's images read by index, never held whole.
+
+    The cache holds the whole dataset in order; this host's share is every example i with i % process_count ==
+    process_index, the same share and order as an in-memory `ArraySource` of the same data, so batches are equal.
+    `.labels` (int32, this host's) and `.class_names` are None for data without class labels.
+    """
+
+    def __init__(
+        self, shard_paths: Sequence[str], image_size: int, count: int, labels: np.ndarray | None,
+        class_names: Sequence[str] | None, process_index: int = 0, process_count: int = 1,
+    ) -> None:
+        """Opens the shards (one record of S*S*3 uint8 bytes per image, `count` in all) for random access."""
+        from array_record.python import array_record_data_source  # lazy: ~0.1 s, and only cached data needs it
+
+        self._records = array_record_data_source.ArrayRecordDataSource(list(shard_paths))
+        if len(self._records) != count:
+            raise DataError(f"the cache's shards hold {len(self._records)} images, its manifest says {count}; "
+                            f"it is damaged: delete {shard_paths[0].rsplit('/', 1)[0]} and prepare it again")
+        self._ids = np.arange(process_index, count, process_count, dtype=np.int64)
+        self._size = int(image_size)
+        self.labels = None if labels is None else np.asarray(labels, np.int32)[self._ids]
+        self.class_names = None if class_names is None else tuple(str(n) for n in class_names)
+
+    @property
+    def image_size(self) -> int:
+        """Side length S of the square images."""
+        return self._size
+
+    def __len__(self) -> int:
+        """Number of images in this host's share."""
+        return int(self._ids.shape[0])
+
+    def get_batch(self, indices: np.ndarray) -> np.ndarray:
+        """Reads the images at `indices` (positions in this host's share) into a new uint8 array (n, S, S, 3)."""
+        keys = self._ids[np.asarray(indices, np.int64)]
+        s = self._size
+        out = np.empty((len(keys), s, s, 3), np.uint8)
+        for i, record in enumerate(self._records.__getitems__(keys.tolist())):
+            out[i] = np.frombuffer(record, np.uint8).reshape(s, s, 3)
+        return out
+
+    def get_labels(self, indices: np.ndarray) -> np.ndarray:
+        """The int32 class labels at `indices`; DataError when the data has none."""
+        if self.labels is None:
+            raise DataError("this dataset has no class labels")
+        return np.take(self.labels, np.asarray(indices), axis=0)
+
+    def __repr__(self) -> str:
+        """Short description with count, size and classes."""
+        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
+        return f"CachedSource({len(self)} images, {self._size}x{self._size}{classes})"

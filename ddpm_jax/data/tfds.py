@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ddpm_jax.data import decode, hints, network
+from ddpm_jax.data.raw import RawDataset, fingerprint
 from ddpm_jax.errors import DataError
 
 
@@ -64,13 +65,10 @@ def _image_source(tfds: Any, builder: Any, name: str, split: str, where: str) ->
         ) from e
 
 
-def load_tfds(
+def open_tfds(
     name: str, image_size: int, split: str, data_dir: str | None, process_index: int, process_count: int
-) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None]:
-    """Images (uint8 (N, S, S, 3)) and `label` ClassLabels, if any, of a TFDS dataset.
-
-    The dataset is prepared as array_record first if needed and possible.
-    """
+) -> RawDataset:
+    """A TFDS dataset's images and `label` ClassLabels, if any, opened; prepared as array_record first if needed."""
     import tensorflow_datasets as tfds  # Here, not at the top: ~1 s to import, and only this route needs it.
 
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
@@ -80,24 +78,22 @@ def load_tfds(
     mine = decode.host_share(len(source), process_index, process_count, f"TFDS {name} split {split}")
     class_label = features["label"] if "label" in features else None
     has_labels = isinstance(class_label, tfds.features.ClassLabel) and class_label.num_classes
-    raw_labels: list[int] = []
 
-    def records() -> Iterator[tuple[str, Any]]:
+    def records() -> Iterator[tuple[str, Any, int | None]]:
         for chunk in decode.chunks(mine, decode.CHUNK):
             # Batched array_record reads where the source supports them.
             examples = source.__getitems__(chunk) if hasattr(source, "__getitems__") else [source[i] for i in chunk]
             for i, example in zip(chunk, examples, strict=True):
-                if has_labels:
-                    raw_labels.append(int(example["label"]))
-                yield f"{name}[{split}][{i}]", example["image"]
+                yield f"{name}[{split}][{i}]", example["image"], int(example["label"]) if has_labels else None
 
     def decode_image(value: Any) -> np.ndarray:
         if encoded:  # PNG/JPEG bytes: same conversion (and JPEG draft decoding) as image files
             return decode.image_from_bytes(value, image_size)
         return decode.array_to_square_rgb(np.asarray(value), image_size)
 
-    images, failures, kept = decode.decode_parallel(records(), len(mine), decode_image, image_size)
-    decode.report_failures(f"TFDS {name} split {split}", len(mine), failures, kind="examples")
-    if not has_labels:
-        return images, None, None
-    return images, np.array(raw_labels, np.int32)[kept], tuple(class_label.names)
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        return decode.decoded_chunks(records(), len(mine), decode_image, f"TFDS {name} split {split}", "examples")
+
+    stamp = fingerprint("tfds", builder.info.full_name, split, len(source))
+    return RawDataset(name=name, split=split, image_size=image_size, count=len(mine), total=len(source),
+                      class_names=tuple(class_label.names) if has_labels else None, fingerprint=stamp, chunks=chunks)

@@ -6,6 +6,7 @@ samples grows, so only scores at the same count (FID@50k vs FID@5k) compare.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -72,10 +73,36 @@ def kernel_inception_distance(
 
 def summarize_reference(features: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
     """What the cache keeps of the training data's features: mu, sigma, a KID subsample and the image count."""
-    mu, sigma = gaussian_stats(features)
-    keep = np.random.default_rng(seed).permutation(len(features))[:KID_REFERENCE_FEATURES]
-    return {"mu": mu, "sigma": sigma, "kid_features": np.asarray(features, np.float32)[np.sort(keep)],
-            "num_images": np.asarray(len(features))}
+    return summarize_reference_chunks([features], len(features), seed)
+
+
+def summarize_reference_chunks(chunks: Iterable[np.ndarray], count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """summarize_reference over features that arrive in chunks (count rows in all), holding only O(D^2) at once.
+
+    Sums are taken about the first chunk's mean in float64 (as accurate as np.cov); the KID subsample is the same
+    rows summarize_reference would pick.
+    """
+    if count < 2:
+        raise ValueError(f"need at least 2 feature rows, got {count}")
+    keep = np.sort(np.random.default_rng(seed).permutation(count)[:KID_REFERENCE_FEATURES])
+    shift = s1 = s2 = None
+    kept, n = [], 0
+    for chunk in chunks:
+        f = np.asarray(chunk, np.float64)
+        if shift is None:
+            shift = f.mean(axis=0)
+            s1, s2 = np.zeros_like(shift), np.zeros((len(shift), len(shift)))
+        centred = f - shift
+        s1 += centred.sum(axis=0)
+        s2 += centred.T @ centred
+        rows = keep[(keep >= n) & (keep < n + len(f))] - n
+        kept.append(np.asarray(chunk, np.float32)[rows])
+        n += len(f)
+    if n != count:
+        raise ValueError(f"expected {count} feature rows, got {n}")
+    mu = shift + s1 / n
+    sigma = (s2 - np.outer(s1, s1) / n) / (n - 1)
+    return {"mu": mu, "sigma": sigma, "kid_features": np.concatenate(kept), "num_images": np.asarray(n)}
 
 
 def score(features: np.ndarray, reference: dict[str, Any], seed: int = 0) -> dict[str, float | int]:

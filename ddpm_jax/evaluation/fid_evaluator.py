@@ -82,16 +82,18 @@ def reference_statistics(config: ml_collections.ConfigDict, extractor: FeatureEx
         logging.info("FID reference statistics of %d images from %s", int(reference["num_images"]), path)
         return {**reference, "path": path}
     d = config.data
-    source = data.source_from_config(config)  # Every process reads all images: all feed the same batches.
+    # Every process reads all images (all feed the same batches); process 0 writes a bucket's cache if one is needed.
+    source = data.source_from_config(config, process_index=jax.process_index(), process_count=jax.process_count(),
+                                     whole=True)
     n = len(source)
     if n < 2:
         raise DataError(f"data.dataset {d.dataset} has {n} image; FID needs at least 2")
     logging.info("computing FID reference statistics of %d images of %s (%s, %dx%d), once", n, d.dataset, d.split,
                  d.image_size, d.image_size)
     step = extractor.batch_size * 8
-    features = np.concatenate([extractor(source.get_batch(np.arange(i, min(i + step, n))))
-                               for i in range(0, n, step)])
-    reference = fid.summarize_reference(features)
+    # Chunk by chunk: a large dataset's features (2048 floats per image) never sit in memory whole.
+    chunks = (extractor(source.get_batch(np.arange(i, min(i + step, n)))) for i in range(0, n, step))
+    reference = fid.summarize_reference_chunks(chunks, n)
     if jax.process_index() == 0:
         fileio.write_npz(path, {**reference, "dataset": str(d.dataset), "split": d.split, "image_size": d.image_size,
                                 "extractor": extractor.name}, compress=False)
