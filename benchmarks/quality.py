@@ -116,7 +116,9 @@ class Scorer:
     def __init__(self, config, num_images: int):
         """Loads (or trains and caches) the classifier; computes the reference statistics and the floor/ceiling."""
         self.num_images = num_images
-        train, test = data.source_from_config(config, split="train"), data.source_from_config(config, split="test")
+        # In memory whatever caches exist: the classifier trains on whole arrays (.images).
+        train, test = (data.create_source(config.data.dataset, config.data.image_size, split=split)
+                       for split in ("train", "test"))
         if train.labels is None:
             raise SystemExit(f"error: {config.data.dataset} has no class labels; the quality benchmark needs a "
                              "labelled dataset (the default is Fashion-MNIST from Debian)")
