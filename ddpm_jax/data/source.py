@@ -23,7 +23,26 @@ class ImageSource(Protocol):
         ...
 
 
-class ArraySource:
+class _LabelledImages:
+    """What both sources share: their `.labels` (int32 per image, or None) and `.class_names` (or None)."""
+
+    labels: np.ndarray | None
+    class_names: tuple[str, ...] | None
+    image_size: int
+
+    def get_labels(self, indices: np.ndarray) -> np.ndarray:
+        """The int32 class labels at `indices`; DataError when the data has none."""
+        if self.labels is None:
+            raise DataError("this dataset has no class labels")
+        return np.take(self.labels, np.asarray(indices), axis=0)
+
+    def __repr__(self) -> str:
+        """Short description with count, size and classes."""
+        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
+        return f"{type(self).__name__}({len(self)} images, {self.image_size}x{self.image_size}{classes})"
+
+
+class ArraySource(_LabelledImages):
     """In-memory `ImageSource` over a uint8 (N, S, S, 3) array, kept in `.images`.
 
     `.labels` (int32 (N,) in [0, K)) and `.class_names` (K names) are None for data without class labels.
@@ -62,19 +81,9 @@ class ArraySource:
         """Gathers the images at `indices` into a new uint8 array (len(indices), S, S, 3)."""
         return np.take(self.images, np.asarray(indices), axis=0)
 
-    def get_labels(self, indices: np.ndarray) -> np.ndarray:
-        """The int32 class labels at `indices`; DataError when the data has none."""
-        if self.labels is None:
-            raise DataError("this dataset has no class labels")
-        return np.take(self.labels, np.asarray(indices), axis=0)
-
-    def __repr__(self) -> str:
-        """Short description with count, size and classes."""
-        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
-        return f"ArraySource({len(self)} images, {self.image_size}x{self.image_size}{classes})"
 
 
-class CachedSource:
+class CachedSource(_LabelledImages):
     """`ImageSource` over a prepared cache's ArrayRecord shards: this host's images read by index, never held whole.
 
     The cache holds the whole dataset in order; this host's share is every example i with i % process_count ==
@@ -115,14 +124,3 @@ class CachedSource:
         for i, record in enumerate(self._records.__getitems__(keys.tolist())):
             out[i] = np.frombuffer(record, np.uint8).reshape(s, s, 3)
         return out
-
-    def get_labels(self, indices: np.ndarray) -> np.ndarray:
-        """The int32 class labels at `indices`; DataError when the data has none."""
-        if self.labels is None:
-            raise DataError("this dataset has no class labels")
-        return np.take(self.labels, np.asarray(indices), axis=0)
-
-    def __repr__(self) -> str:
-        """Short description with count, size and classes."""
-        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
-        return f"CachedSource({len(self)} images, {self._size}x{self._size}{classes})"
