@@ -3,6 +3,7 @@ every kind of bad cache refused in one line with nothing lost, and streamed trai
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -244,3 +245,60 @@ def test_training_from_a_cache_of_40000_images_holds_far_less_than_the_dataset(t
     print(f"peak RSS: {_peak_rss_mib(memory):.0f} MiB in memory (1,000 images), {_peak_rss_mib(streamed):.0f} MiB "
           f"streamed (40,000 images): +{growth:.0f} MiB")
     assert growth < 150
+
+
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """gs:// served from a local folder through fsspec, as gcsfs would serve a bucket; returns that folder."""
+    from etils.epath import backend
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "bucket_store"
+    root.mkdir()
+
+    class Bucket(DirFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=None, **kwargs):
+            super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True))
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = os.fspath(path)
+            return path.split("://", 1)[1] if "://" in path else path
+
+    for name in ("gs", "gcs"):  # undone after the test: test_fileio needs gs:// to fail without gcsfs
+        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, name, Bucket)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    monkeypatch.setattr(cache, "LOCAL_COPIES", str(tmp_path / "copies"))
+    yield root
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_a_bucket_cache_is_uploaded_manifest_last_and_read_through_a_local_copy(butterflies_dir, tmp_path, fake_bucket,
+                                                                                caplog):
+    config = _config(butterflies_dir, "gs://bucket/caches")
+    caplog.set_level(logging.INFO)
+    source = data.source_from_config(config, process_index=0, process_count=2)
+    (folder,) = (fake_bucket / "bucket" / "caches").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == ["images-00000.array_record", "labels.npy", cache.MANIFEST]
+    assert "copying the cache gs://bucket/caches/" in caplog.text
+    memory = data.create_source(str(butterflies_dir), 8, process_index=0, process_count=2)
+    assert np.array_equal(source.get_batch(np.arange(len(source))), memory.images)
+    # Another process of the job, and a restart: the manifest is there, and the local copy is reused.
+    caplog.clear()
+    other = data.source_from_config(config, process_index=1, process_count=2)
+    assert len(other) == 50 and "reading the prepared cache gs://bucket/caches/" in caplog.text
+    assert "copying the cache" not in caplog.text
+
+
+def test_waiting_for_a_bucket_cache_ends_when_its_manifest_appears(tmp_path):
+    import threading
+
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    writer = threading.Timer(0.3, lambda: (folder / cache.MANIFEST).write_text(json.dumps({"count": 3})))
+    writer.start()
+    assert cache.wait_for(str(folder), poll_s=0.05) == {"count": 3}
+    writer.join()

@@ -245,21 +245,24 @@ def _upload(staging: str, path: str, manifest: dict) -> None:
 
 
 def _local_copy(path: str, manifest: dict) -> str:
-    """A local copy of a bucket's cache (reused while its manifest is the same), for array_record to read."""
+    """A local copy of a bucket's cache (reused while its manifest is the same), for array_record to read; the
+    processes of one host make it once, under a lock."""
     local = os.path.join(LOCAL_COPIES, hashlib.sha256(path.encode()).hexdigest()[:16])
-    if read_manifest(local) == manifest:
-        return local
-    partial = f"{local}.incomplete"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    names = [s["file"] for s in manifest["shards"]] + ([LABELS] if manifest["class_names"] is not None else [])
-    logging.info("data: copying the cache %s to %s", path, local)
-    for name in names:
-        epath.Path(path, name).copy(epath.Path(partial, name))
-    with open(os.path.join(partial, MANIFEST), "w") as f:
-        f.write(json.dumps(manifest, indent=1))
-    shutil.rmtree(local, ignore_errors=True)
-    os.rename(partial, local)
+    os.makedirs(LOCAL_COPIES, exist_ok=True)
+    with _locked(f"{local}.lock"):
+        if read_manifest(local) == manifest:
+            return local
+        partial = f"{local}.incomplete"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        names = [s["file"] for s in manifest["shards"]] + ([LABELS] if manifest["class_names"] is not None else [])
+        logging.info("data: copying the cache %s to %s", path, local)
+        for name in names:
+            epath.Path(path, name).copy(epath.Path(partial, name))
+        with open(os.path.join(partial, MANIFEST), "w") as f:
+            f.write(json.dumps(manifest, indent=1))
+        shutil.rmtree(local, ignore_errors=True)
+        os.rename(partial, local)
     return local
 
 
