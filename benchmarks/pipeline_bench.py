@@ -37,8 +37,7 @@ DEFAULT_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
 
 def batches_per_second(source: data.ImageSource, batch_size: int, num_batches: int, workers: int = 1) -> float:
     """Images/s of shuffled training batches drawn from `source`, every byte touched as the device copy does."""
-    batches = data.train_batches(source, batch_size=batch_size, seed=0, start_step=0, workers=workers,
-                                 prefetch=2 * workers)
+    batches = data.train_batches(source, batch_size=batch_size, seed=0, start_step=0, workers=workers)
     next(batches)  # Starts the prefetch threads.
     start = time.perf_counter()
     for _ in range(num_batches):

@@ -329,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     _write_run_files(workdir, config, class_names)
     batches = data.train_batches(source, batch_size=t.batch_size // jax.process_count(), seed=config.seed,
                                  start_step=start_step, with_labels=config.model.num_classes > 0, steps_per_item=k,
-                                 workers=config.data.num_workers, prefetch=2 * config.data.num_workers)
+                                 workers=config.data.num_workers)
     place = functools.partial(parallel.global_batch if k == 1 else parallel.global_stacked_batch, mesh)
     clock, pending = metric_writers.StepClock(), []
     try:

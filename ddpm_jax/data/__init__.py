@@ -129,8 +129,7 @@ def source_from_config(
     if manifest is not None:
         logging.info("data: reading the prepared cache %s", cache.summary(manifest, path))
         return cache.open_source(path, manifest, *share)
-    # Every host decides alike: on the largest share (ceil(total / hosts)), not on its own.
-    share_gib = -(-raw.total // share[1]) * d.image_size**2 * 3 / 2**30
+    share_gib = raw.share_bytes(share[1]) / 2**30
     if share_gib <= d.in_memory_max_gib:
         logging.info("data: %s decoded is %.3g GiB per host, within data.in_memory_max_gib=%g: decoding it into "
                      "memory", raw.name, share_gib, d.in_memory_max_gib)

@@ -39,16 +39,17 @@ def batch_indices(step: int, batch_size: int, num_examples: int, seed: int) -> n
 
 
 def train_batches(
-    source: ImageSource, *, batch_size: int, seed: int, start_step: int, prefetch: int = 2, with_labels: bool = False,
-    steps_per_item: int = 1, workers: int = 1,
+    source: ImageSource, *, batch_size: int, seed: int, start_step: int, prefetch: int | None = None,
+    with_labels: bool = False, steps_per_item: int = 1, workers: int = 1,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yields this host's batches for steps start_step, start_step + 1, ... forever, built ahead by `workers` threads
-    at most `prefetch` items ahead.
+    at most `prefetch` items ahead (default: 2 per thread).
 
     Each item is {"image": uint8 (B, S, S, 3)}, with "label" (int32 (B,), the same examples) when `with_labels` (the
     source must have labels). With steps_per_item = k > 1, each item holds k consecutive steps' batches stacked on a
     leading axis: (k, B, S, S, 3) and (k, B), for a train step that runs k steps per call.
     """
+    prefetch = 2 * workers if prefetch is None else prefetch
     if batch_size < 1 or prefetch < 1 or start_step < 0 or steps_per_item < 1 or workers < 1:
         raise ValueError(
             "need batch_size >= 1, prefetch >= 1, start_step >= 0, steps_per_item >= 1, workers >= 1; got "

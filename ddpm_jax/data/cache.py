@@ -89,15 +89,15 @@ def check(manifest: dict, path: str, dataset: str, split: str, image_size: int, 
 
 def open_source(path: str, manifest: dict, process_index: int = 0, process_count: int = 1) -> CachedSource:
     """This host's share of the cache at `path` (copied locally first when it is in a bucket)."""
-    local = _local_copy(path, manifest) if fileio.is_remote(path) else path
-    shards = [os.path.join(local, s["file"]) for s in manifest["shards"]]
+    folder = _local_copy(path, manifest) if fileio.is_remote(path) else path
+    shards = [os.path.join(folder, s["file"]) for s in manifest["shards"]]
     for shard, entry in zip(shards, manifest["shards"], strict=True):
         size = os.path.getsize(shard) if os.path.isfile(shard) else None
         if size != entry["bytes"]:
             raise DataError(f"the cache at {path} is half-written or damaged: {entry['file']} has "
                             f"{'no file' if size is None else f'{size} bytes'}, its manifest says {entry['bytes']}; "
                             f"delete {path} and prepare it again (--mode=prepare)")
-    labels = np.load(os.path.join(local, LABELS)) if manifest["class_names"] is not None else None
+    labels = np.load(os.path.join(folder, LABELS)) if manifest["class_names"] is not None else None
     return CachedSource(shards, manifest["image_size"], manifest["count"], labels, manifest["class_names"],
                         process_index, process_count)
 
@@ -115,7 +115,7 @@ def prepare(raw: RawDataset, path: str, dataset: str) -> dict:
             _upload(staging, path, manifest)
         return manifest
     parent = os.path.dirname(path)
-    _check_writable(parent, raw.decoded_bytes)
+    _check_writable(parent, raw.share_bytes())
     with _locked(f"{path}.lock"):
         manifest = read_manifest(path)
         if manifest is not None:
@@ -238,8 +238,7 @@ def _upload(staging: str, path: str, manifest: dict) -> None:
     """Copies a finished cache to a bucket, the manifest last so that a reader never sees a partial one."""
     target = epath.Path(path)
     target.mkdir(parents=True, exist_ok=True)
-    names = [s["file"] for s in manifest["shards"]] + ([LABELS] if manifest["class_names"] is not None else [])
-    for name in names:
+    for name in _data_files(manifest):
         epath.Path(staging, name).copy(target / name, overwrite=True)
     fileio.write_bytes(f"{path}/{MANIFEST}", epath.Path(staging, MANIFEST).read_bytes())
 
@@ -247,23 +246,27 @@ def _upload(staging: str, path: str, manifest: dict) -> None:
 def _local_copy(path: str, manifest: dict) -> str:
     """A local copy of a bucket's cache (reused while its manifest is the same), for array_record to read; the
     processes of one host make it once, under a lock."""
-    local = os.path.join(LOCAL_COPIES, hashlib.sha256(path.encode()).hexdigest()[:16])
+    copy = os.path.join(LOCAL_COPIES, hashlib.sha256(path.encode()).hexdigest()[:16])
     os.makedirs(LOCAL_COPIES, exist_ok=True)
-    with _locked(f"{local}.lock"):
-        if read_manifest(local) == manifest:
-            return local
-        partial = f"{local}.incomplete"
+    with _locked(f"{copy}.lock"):
+        if read_manifest(copy) == manifest:
+            return copy
+        partial = f"{copy}.incomplete"
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(partial)
-        names = [s["file"] for s in manifest["shards"]] + ([LABELS] if manifest["class_names"] is not None else [])
-        logging.info("data: copying the cache %s to %s", path, local)
-        for name in names:
+        logging.info("data: copying the cache %s to %s", path, copy)
+        for name in _data_files(manifest):
             epath.Path(path, name).copy(epath.Path(partial, name))
         with open(os.path.join(partial, MANIFEST), "w") as f:
             f.write(json.dumps(manifest, indent=1))
-        shutil.rmtree(local, ignore_errors=True)
-        os.rename(partial, local)
-    return local
+        shutil.rmtree(copy, ignore_errors=True)
+        os.rename(partial, copy)
+    return copy
+
+
+def _data_files(manifest: dict) -> list[str]:
+    """The files of a cache besides its manifest: the shards, and the labels when there are classes."""
+    return [s["file"] for s in manifest["shards"]] + ([LABELS] if manifest["class_names"] is not None else [])
 
 
 def summary(manifest: dict, path: str) -> str:

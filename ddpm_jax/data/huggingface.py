@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from ddpm_jax.data import decode, hints, network
-from ddpm_jax.data.raw import RawDataset, fingerprint
+from ddpm_jax.data.raw import RawDataset, file_stamp, fingerprint
 from ddpm_jax.errors import DataError
 
 
@@ -188,8 +188,6 @@ def open_parquet(
         return decode.decoded_chunks(rows(), len(mine), lambda v: _decode_hf_image(v, image_size),
                                      str(files[0].parent), kind="parquet rows")
 
-    # A Hub snapshot's files link to blobs named by their content hash; other files count by name, size and time.
-    stamps = [(f.name, f.stat().st_size, os.path.realpath(f).rsplit(os.sep, 1)[-1] if f.is_symlink()
-               else f.stat().st_mtime_ns) for f in files]
+    stamp = fingerprint("parquet", [file_stamp(f, blob_links=True) for f in files])
     return RawDataset(name=name or str(files[0].parent), split=split, image_size=image_size, count=len(mine),
-                      total=total, class_names=class_names, fingerprint=fingerprint("parquet", stamps), chunks=chunks)
+                      total=total, class_names=class_names, fingerprint=stamp, chunks=chunks)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import decode, hints
-from ddpm_jax.data.raw import RawDataset, fingerprint
+from ddpm_jax.data.raw import RawDataset, file_stamp, fingerprint
 from ddpm_jax.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
@@ -83,19 +83,13 @@ def _resize_square_gray_stack(images: np.ndarray, image_size: int) -> np.ndarray
     return cols.reshape(image_size, n, image_size).transpose(1, 0, 2)
 
 
-def _file_stamp(path: pathlib.Path, root: pathlib.Path | None = None) -> tuple[str, int, int]:
-    """(name or relative path, size, modification time in ns): what a source's fingerprint is made of."""
-    st = path.stat()
-    return (path.relative_to(root).as_posix() if root is not None else path.name, st.st_size, st.st_mtime_ns)
-
-
 def open_idx(path: pathlib.Path, image_size: int, split: str, process_index: int, process_count: int) -> RawDataset:
     """MNIST-style IDX images (and the label file beside them), opened: grayscale repeated to RGB, bicubic to S."""
     count = _read_idx_count(path)
     share = decode.host_share(count, process_index, process_count, str(path))
     labels, class_names = load_idx_labels(path, process_index, process_count)
     label_file = _label_file(path)
-    stamps = [_file_stamp(path)] + ([_file_stamp(label_file)] if label_file is not None else [])
+    stamps = [file_stamp(path)] + ([file_stamp(label_file)] if label_file is not None else [])
 
     def chunks() -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         array = _read_idx(path)
@@ -220,4 +214,4 @@ def open_folder(
 
     return RawDataset(name=str(root), split=split, image_size=image_size, count=len(share), total=len(paths),
                       class_names=class_names,
-                      fingerprint=fingerprint("folder", [_file_stamp(p, root) for p in paths]), chunks=chunks)
+                      fingerprint=fingerprint("folder", [file_stamp(p, root) for p in paths]), chunks=chunks)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import pathlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -36,10 +38,10 @@ class RawDataset:
     fingerprint: str
     chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray | None]]]
 
-    @property
-    def decoded_bytes(self) -> int:
-        """Bytes the share takes decoded in memory (before unreadable items are skipped)."""
-        return self.count * self.image_size * self.image_size * 3
+    def share_bytes(self, hosts: int = 1) -> int:
+        """Bytes the largest of `hosts` equal shares of the whole dataset takes decoded (before unreadable items are
+        skipped): what every host compares with data.in_memory_max_gib, so that all decide alike."""
+        return -(-self.total // hosts) * self.image_size * self.image_size * 3
 
     def load(self) -> ArraySource:
         """Decodes the whole share into memory, filling one preallocated array (no second copy of the data)."""
@@ -55,6 +57,19 @@ class RawDataset:
         if n < self.count:  # some items were unreadable and skipped
             images, labels = images[:n].copy(), (None if labels is None else labels[:n].copy())
         return ArraySource(images, labels, self.class_names)
+
+
+def file_stamp(
+    path: pathlib.Path, root: pathlib.Path | None = None, *, blob_links: bool = False
+) -> tuple[str, int, int | str]:
+    """(name or path relative to root, size, modification time in ns) of a file, for a fingerprint. With blob_links,
+    a link (into a Hugging Face cache, whose blobs are named by their content hash) gives the blob's name instead of
+    the time, which a new download of the same content changes."""
+    st = path.stat()
+    name = path.relative_to(root).as_posix() if root is not None else path.name
+    if blob_links and path.is_symlink():
+        return name, st.st_size, os.path.realpath(path).rsplit(os.sep, 1)[-1]
+    return name, st.st_size, st.st_mtime_ns
 
 
 def fingerprint(*parts: Any) -> str:
