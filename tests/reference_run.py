@@ -1,4 +1,6 @@
-"""A fixed 30-step run through `python -m ddpm_jax.main`, recorded before the house refactor (issue 12).
+"""A fixed 30-step run through `python -m ddpm_jax.main`, recorded before the house refactor (issue 12) and again
+after the GroupNorm rewrite (issue 14), which changed the summation order of its statistics and gradients; the new
+recording first matched the old one within the tolerance of tests/test_main.py.
 
 The same commands must give bitwise-identical arrays after any change that claims to keep behaviour and numerics:
 the final checkpoint (params, EMA, Adam moments, step), the sample grid written during training and 8 DDIM samples

@@ -10,7 +10,7 @@ from helpers import CLI_FLAGS, REPO, one_error_line, run_main
 
 
 def test_the_reference_run_gives_the_recorded_arrays(reference_run_arrays):
-    """tests/reference_run.py's 30-step run and 8 DDIM samples, against what it gave before the house refactor.
+    """tests/reference_run.py's 30-step run and 8 DDIM samples against its recording (reference_run.py says when).
 
     Bitwise on the CPU kind and jaxlib it was recorded on; elsewhere float results may differ in the last bits, so
     the samples must agree within a few levels and every leaf's mean and norm within a small tolerance.

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from ddpm_jax.models.group_norm import GroupNorm
+
 Dtype = Any
 
 
@@ -45,12 +47,12 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Applies the block to x (B,H,W,C) conditioned on temb (B,E)."""
-        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
+        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm1")(x)
         h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_default_init, name="conv1")(h)
         h = h + nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="temb_proj")(
             nn.swish(temb)
         )[:, None, None, :]
-        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
+        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm2")(h)
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
         h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv2")(h)
         if x.shape[-1] != self.out_ch:
@@ -69,7 +71,7 @@ class AttnBlock(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         """Attends over all H*W positions of x (B,H,W,C)."""
         height, c = x.shape[1], x.shape[-1]
-        h = nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+        h = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
         q, k, v = (
             rearrange(nn.Dense(c, dtype=self.dtype, kernel_init=_default_init, name=n)(h), "b h w c -> b (h w) c")
             for n in ("q", "k", "v")
@@ -160,7 +162,7 @@ class UNet(nn.Module):
                 )(h)
         assert not skips, "every skip connection must be consumed"
 
-        h = nn.swish(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
+        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm_out")(h)
         h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv_out")(h)
         return h.astype(jnp.float32)
 
