@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from ddpm_jax.models.group_norm import GroupNorm
+from ddpm_jax.models.upsample import UpsampleConv
 
 Dtype = Any
 
@@ -156,10 +157,9 @@ class UNet(nn.Module):
                 if h.shape[1] in self.attn_resolutions:
                     h = AttnBlock(self.num_groups, self.dtype, name=f"up_{level}_attn_{i}")(h)
             if level != 0:
-                h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour 2x upsampling
-                h = nn.Conv(
-                    h.shape[-1], (3, 3), dtype=self.dtype, kernel_init=_default_init, name=f"up_{level}_upsample"
-                )(h)
+                # Nearest-neighbour 2x upsampling then a 3x3 conv, computed on the low-resolution input.
+                h = UpsampleConv(h.shape[-1], dtype=self.dtype, kernel_init=_default_init,
+                                 name=f"up_{level}_upsample")(h)
         assert not skips, "every skip connection must be consumed"
 
         h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm_out")(h)
