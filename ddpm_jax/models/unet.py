@@ -104,6 +104,9 @@ class UNet(nn.Module):
     out_ch: int | None = None
     dtype: Dtype = jnp.float32
     num_classes: int = 0
+    # False computes each upsampling convolution as written, at the high resolution: the same function, 2.25x its
+    # FLOPs; the reference of tests/test_models_unet.py and the model FLOPs of benchmarks/jax_bench.py.
+    fold_upsampling: bool = True
 
     @nn.compact
     def __call__(
@@ -159,7 +162,7 @@ class UNet(nn.Module):
             if level != 0:
                 # Nearest-neighbour 2x upsampling then a 3x3 conv, computed on the low-resolution input.
                 h = UpsampleConv(h.shape[-1], dtype=self.dtype, kernel_init=_default_init,
-                                 name=f"up_{level}_upsample")(h)
+                                 folded=self.fold_upsampling, name=f"up_{level}_upsample")(h)
         assert not skips, "every skip connection must be consumed"
 
         h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm_out")(h)

@@ -103,6 +103,7 @@ class UpsampleConv(nn.Module):
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros_init()
+    folded: bool = True  # False: upsample, then the 3x3 convolution as written (the reference; model FLOP counts).
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,4 +112,6 @@ class UpsampleConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
+        if not self.folded:
+            return _plain_conv(x.astype(dtype), kernel) + bias.astype(dtype)
         return upsample_conv(x.astype(dtype), kernel, bias)
