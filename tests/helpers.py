@@ -190,3 +190,18 @@ def read_events(path):
         pos += 16 + length
     assert pos == len(data)
     return events
+
+
+def sharded_and_unsharded_grads(loss, params, *batched):
+    """Gradients of loss(params, *batched) w.r.t. params: with the batch split over every device under shard_map
+    (per-device losses pmean-ed, as the train step does), and on one device. A custom VJP whose parameters are not
+    marked varying gives per-device gradients in the first, not their all-reduced sum."""
+    mesh = parallel.make_mesh()
+    data = jax.sharding.PartitionSpec(parallel.DATA_AXIS)
+
+    def sharded_loss(params, *batched):
+        return jax.lax.pmean(loss(params, *batched), parallel.DATA_AXIS)
+
+    sharded = jax.shard_map(jax.grad(sharded_loss), mesh=mesh, in_specs=(jax.sharding.PartitionSpec(),)
+                            + (data,) * len(batched), out_specs=jax.sharding.PartitionSpec())
+    return jax.jit(sharded)(params, *batched), jax.grad(loss)(params, *batched)

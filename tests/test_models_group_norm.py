@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from helpers import sharded_and_unsharded_grads
 
-from ddpm_jax import parallel
 from ddpm_jax.models.group_norm import GroupNorm, group_norm
 
 SHAPES = [((4, 8, 8, 32), 8), ((2, 4, 4, 96), 32), ((3, 16, 16, 16), 4), ((2, 5, 3, 12), 12)]
@@ -81,19 +80,13 @@ def test_constant_input_normalises_to_the_bias():
 
 def test_sharded_gradients_are_all_reduced():
     """Inside shard_map, the parameters' gradients of the mean loss equal the unsharded ones (8 devices)."""
-    mesh = parallel.make_mesh()
-    n = mesh.devices.size
+    n = jax.device_count()
     x, params, w = _inputs((2 * n, 4, 4, 16), seed=1)
 
     def loss(params, x, w):
         return jnp.mean(group_norm(x, params["scale"], params["bias"], 4, swish=True) * w)
 
-    def sharded_loss(params, x, w):
-        return jax.lax.pmean(loss(params, x, w), parallel.DATA_AXIS)
-
-    sharded = jax.shard_map(jax.grad(sharded_loss), mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS),
-                                                                         P(parallel.DATA_AXIS)), out_specs=P())
-    got, want = jax.jit(sharded)(params, x, w), jax.grad(loss)(params, x, w)
+    got, want = sharded_and_unsharded_grads(loss, params, x, w)
     for key in ("scale", "bias"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 

@@ -6,9 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from helpers import sharded_and_unsharded_grads
 
-from ddpm_jax import parallel
 from ddpm_jax.models.upsample import UpsampleConv, folded_kernel, upsample_conv, upsample_nearest
 
 # Square and not, one pixel wide, more or fewer output channels than input ones.
@@ -88,20 +87,14 @@ def test_bfloat16_output_and_gradients():
 
 def test_sharded_gradients_are_all_reduced():
     """Inside shard_map, the kernel's and bias's gradients of the mean loss equal the unsharded ones (8 devices)."""
-    mesh = parallel.make_mesh()
-    n = mesh.devices.size
+    n = jax.device_count()
     x, params, _ = _inputs((2 * n, 4, 4, 4), 4, seed=1)
     w = jnp.asarray(np.random.default_rng(2).standard_normal((2 * n, 8, 8, 4)).astype(np.float32))
 
     def loss(params, x, w):
         return jnp.mean(upsample_conv(x, params["kernel"], params["bias"]) * w)
 
-    def sharded_loss(params, x, w):
-        return jax.lax.pmean(loss(params, x, w), parallel.DATA_AXIS)
-
-    sharded = jax.shard_map(jax.grad(sharded_loss), mesh=mesh, in_specs=(P(), P(parallel.DATA_AXIS),
-                                                                         P(parallel.DATA_AXIS)), out_specs=P())
-    got, want = jax.jit(sharded)(params, x, w), jax.grad(loss)(params, x, w)
+    got, want = sharded_and_unsharded_grads(loss, params, x, w)
     for key in ("kernel", "bias"):
         np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=key)
 

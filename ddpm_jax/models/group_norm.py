@@ -19,8 +19,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ddpm_jax.models.varying import varying_like
-
 
 def _sum_over_positions(x: jax.Array) -> jax.Array:
     """Sums (B, P, C) over P -> (B, C); on the CPU as a batched product with ones (a dot kernel, not a column
@@ -72,7 +70,15 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
 
     Returns x's shape and dtype; statistics, the swish and gradient sums are computed in float32.
     """
-    return _group_norm(x, varying_like(scale, x), varying_like(bias, x), num_groups, epsilon, swish)
+    # Under shard_map, parameters are the same on every device and x is not: a custom VJP must see them varying
+    # like x, so that autodiff sums their per-device gradients (the transpose of this cast is a psum).
+    return _group_norm(x, _varying_like(scale, x), _varying_like(bias, x), num_groups, epsilon, swish)
+
+
+def _varying_like(a: jax.Array, x: jax.Array) -> jax.Array:
+    """`a` marked as varying over every shard_map axis x varies over (a no-op outside shard_map)."""
+    missing = tuple(sorted(jax.typeof(x).mat.varying - jax.typeof(a).mat.varying))
+    return lax.pcast(a, missing, to="varying") if missing else a
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ddpm_jax.models.varying import varying_like
-
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -72,7 +70,7 @@ def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"upsample_conv needs x (B, H, W, C) and a (3, 3, C, O) kernel; got {x.shape} and "
                          f"{kernel.shape}")
-    return _upsample_conv(x, varying_like(kernel, x)) + bias.astype(x.dtype)
+    return _upsample_conv(x, kernel) + bias.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -86,7 +84,8 @@ def _upsample_conv_fwd(x, kernel):
 
 def _upsample_conv_bwd(residuals, g):
     x, kernel = residuals
-    # Each pullback's primal output is unused, so XLA drops those forward convolutions.
+    # Each pullback's primal output is unused, so XLA drops those forward convolutions. They are JAX's own, so
+    # under shard_map the kernel's pullback sums the per-device gradients itself (x varies, the kernel does not).
     dx = jax.vjp(lambda x: _folded_conv(x, kernel), x)[1](g)[0]
     dkernel = jax.vjp(lambda k: _plain_conv(x, k), kernel)[1](g)[0]
     return dx, dkernel
