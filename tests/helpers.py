@@ -194,8 +194,9 @@ def read_events(path):
 
 def sharded_and_unsharded_grads(loss, params, *batched):
     """Gradients of loss(params, *batched) w.r.t. params: with the batch split over every device under shard_map
-    (per-device losses pmean-ed, as the train step does), and on one device. A custom VJP whose parameters are not
-    marked varying gives per-device gradients in the first, not their all-reduced sum."""
+    (per-device losses pmean-ed, as the train step does), and on one device. A custom VJP that does not all-reduce
+    its parameters' gradients (e.g. a hand-written one whose parameters are not marked varying) shows as a
+    difference."""
     mesh = parallel.make_mesh()
     data = jax.sharding.PartitionSpec(parallel.DATA_AXIS)
 

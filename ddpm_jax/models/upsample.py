@@ -3,12 +3,12 @@
 Along each axis, output row 2i of "repeat every row twice, then convolve with taps (k0, k1, k2)" reads input rows
 i-1, i, i with those taps, i.e. rows (i-1, i) with taps (k0, k1 + k2), and output row 2i+1 reads rows (i, i+1) with
 taps (k0 + k1, k2). So the four output phases are 2x2 convolutions of the input with folded kernels: one 2x2
-convolution with 4x the output channels, on the input padded by one, and an interleave. That is 16 multiply-adds per
-input channel and output pixel instead of 36 (2.25x fewer; 2x at 16x16 inputs, counting the padded border), the
+convolution with 4x the output channels, on the input padded by one, and an interleave. Per input pixel and pair of
+channels that is 16 multiply-adds instead of 36 (2.25x fewer; 2x at 16x16 inputs, counting the padded border), the
 same function up to float rounding, and the same parameters as `flax.linen.Conv` (checkpoints are interchangeable).
 
 Only the forward pass and the input gradient use the folded form. XLA:CPU computes the weight gradient of the 2x2
-convolution (a window the size of the input) with a naive kernel, 16x slower than the 3x3 one (README
+convolution (a window the size of the input) with a naive kernel (forward + backward took 16x the 3x3 one's, README
 "Performance"), so the kernel's gradient is that of the plain 3x3 convolution of the upsampled input, which is the
 same gradient because the folded kernel is a linear function of the 3x3 one.
 """
@@ -62,15 +62,17 @@ def _plain_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
                                     dimension_numbers=_DIMENSIONS)
 
 
-def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+def upsample_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, folded: bool = True) -> jax.Array:
     """A 3x3 SAME convolution (HWIO kernel, bias (O,)) of x (B, H, W, I) upsampled 2x by nearest neighbour.
 
-    Returns (B, 2H, 2W, O) in x's dtype; the kernel is folded in its own dtype and then cast to x's.
+    Returns (B, 2H, 2W, O) in x's dtype; the kernel is folded in its own dtype and then cast to x's. folded=False
+    computes it as written (the reference; model FLOP counts).
     """
     if x.ndim != 4 or kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"upsample_conv needs x (B, H, W, C) and a (3, 3, C, O) kernel; got {x.shape} and "
                          f"{kernel.shape}")
-    return _upsample_conv(x, kernel) + bias.astype(x.dtype)
+    conv = _upsample_conv if folded else _plain_conv
+    return conv(x, kernel) + bias.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -111,6 +113,4 @@ class UpsampleConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
-        if not self.folded:
-            return _plain_conv(x.astype(dtype), kernel) + bias.astype(dtype)
-        return upsample_conv(x.astype(dtype), kernel, bias)
+        return upsample_conv(x.astype(dtype), kernel, bias, self.folded)
