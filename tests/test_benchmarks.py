@@ -168,19 +168,22 @@ def test_flag_sweep_ratios_are_medians_against_the_defaults():
 
 
 def test_quality_scorer_trains_caches_and_separates_real_images_from_noise(tmp_path, monkeypatch, fashion_mnist_dir):
-    # A tenth of each split and one epoch instead of six keep it short; the cache, the floor and the ceiling are the
+    # A tenth of each split and three epochs instead of six keep it short; the cache, the floor and the ceiling are the
     # benchmark's own code.
-    train_once, load = quality.train_classifier, quality.data.source_from_config
+    train_once, load = quality.train_classifier, quality.data.create_source
+    loaded = []
 
-    def tenth(config, split="train"):
-        full = load(config, split=split)
+    def tenth(dataset, image_size, **kwargs):
+        full = load(dataset, image_size, **kwargs)
+        loaded.append(len(full.images))
         return data.ArraySource(full.images[::10], full.labels[::10], full.class_names)
 
     monkeypatch.setattr(quality, "CACHE", tmp_path)
-    monkeypatch.setattr(quality.data, "source_from_config", tenth)
+    monkeypatch.setattr(quality.data, "create_source", tenth)
     monkeypatch.setattr(quality, "train_classifier", lambda train, test: train_once(train, test, epochs=3))
     config = tiny_config(dataset=str(fashion_mnist_dir), image_size=16)
     scorer = quality.Scorer(config, num_images=500)
+    assert loaded == [60000, 10000], "the scorer no longer reads its splits through data.create_source"
     assert scorer.test_accuracy > 0.6 and len(list(tmp_path.glob("classifier_*.npz"))) == 1
     assert scorer.floor["fd"] < 0.1 * scorer.ceiling["fd"] and scorer.floor["classes"] == 10
     assert scorer.floor["top_prob"] > scorer.ceiling["top_prob"]
