@@ -8,8 +8,8 @@ Prints, each from its own process (benchmarks/jax_bench.py, then `python -m ddpm
     memory; sampling s/step in bfloat16;
   - small64 and tiny32 at their preset batches: img/s and sampling s/step;
   - the quickstart (configs/quickstart.py) trained and sampled to a grid: seconds and the grid's path.
---dry_run runs every part with the tiny32 UNet at batch 2 on whatever device there is (CI runs it on the CPU) and a
-10-step quickstart: it checks the script, not the GPU. Results go to DIR/gpu_check.json and the console (Markdown).
+--dry_run runs every part with the smoke preset's UNet (16x16, two levels) at batch 2 on whatever device there is
+(CI runs it on the CPU) and a 10-step quickstart: it checks the script, not the GPU. Results go to DIR/gpu_check.json and the console (Markdown).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ PARTS = [
 
 
 def bench_args(part: tuple, dry_run: bool) -> list[str]:
-    """jax_bench.py's flags for one part; a dry run swaps in the tiny32 UNet at batch 2 with 2 steps of each."""
+    """jax_bench.py's flags for one part; a dry run swaps in the smoke UNet at batch 2 with 2 steps of each."""
     _, preset, dtype, batch, repeats, sample_steps = part
     if dry_run:
-        preset, batch, repeats, sample_steps = "tiny32", 2, 2, min(sample_steps, 2)
+        preset, batch, repeats, sample_steps = "smoke", 2, 2, min(sample_steps, 2)
     args = [f"--preset={preset}", f"--dtype={dtype}", f"--train_repeats={repeats}"]
     args += [f"--batch_size={batch}"] if batch else []
     args += [f"--sample_steps={sample_steps}"] if sample_steps else ["--skip_sampling"]

@@ -40,6 +40,8 @@ PRESETS = {
     "tutorial": Preset("tutorial", 128, (128, 128, 256, 256, 512, 512), 2, 8, 4, train_repeats=3, sample_steps=2),
     "small64": Preset("small64", 64, (64, 128, 128, 256), 2, 16, 8, train_repeats=10, sample_steps=10),
     "tiny32": Preset("tiny32", 32, (32, 64, 64), 1, 8, 16, train_repeats=30, sample_steps=20),
+    # Not a benchmark: the smallest UNet with every kind of layer, for checking the scripts (gpu_check --dry_run).
+    "smoke": Preset("smoke", 16, (32, 32), 1, 8, 2, train_repeats=2, sample_steps=2),
 }
 
 
