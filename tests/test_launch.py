@@ -351,7 +351,9 @@ def test_worker_signals_reach_training_once(env, tmp_path, how):
     loop = subprocess.Popen(["bash", str(LAUNCH / "worker.sh"), "run", "--run-dir", str(run_dir), "--restarts", "5",
                              "--restart-delay", "30", "--", "bash", "-c", command], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: log.exists() and "step 1" in log.read_text() and (run_dir / "train.pid").exists())
+    # The line training prints once its trap is set, not the log's header, which quotes the command: a SIGTERM that
+    # reaches the child between fork and exec is lost, and the loop would wait for a child that never stops.
+    wait_for(lambda: log.exists() and "step 1" in log.read_text().splitlines() and (run_dir / "train.pid").exists())
     if how == "ctrl-c":
         loop.send_signal(signal.SIGINT)
     elif how == "shutdown":  # every process gets a SIGTERM; the loop's comes while training checkpoints
