@@ -9,7 +9,8 @@ Prints, each from its own process (benchmarks/jax_bench.py, then `python -m ddpm
   - small64 and tiny32 at their preset batches: img/s and sampling s/step;
   - the quickstart (configs/quickstart.py) trained and sampled to a grid: seconds and the grid's path.
 --dry_run runs every part with the smoke preset's UNet (16x16, two levels) at batch 2 on whatever device there is
-(CI runs it on the CPU) and a 10-step quickstart: it checks the script, not the GPU. Results go to DIR/gpu_check.json and the console (Markdown).
+(CI runs it on the CPU) and a 10-step quickstart: it checks the script, not the GPU. Results go to
+DIR/gpu_check.json and the console (Markdown).
 """
 
 from __future__ import annotations
