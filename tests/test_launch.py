@@ -343,6 +343,12 @@ def test_worker_start_survives_the_caller_and_stop_checkpoints(env, tmp_path):
     assert log.count("stopped at step 5") == 2 and log.count("attempt 1") == 2 and "SIGTERM 2" not in log
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT at its default, as a shell at a terminal starts the loop: a pytest started in the background (`cmd &`)
+    ignores SIGINT and passes that on, and bash cannot trap a signal that was ignored when it started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "shutdown", "between-restarts"])
 def test_worker_signals_reach_training_once(env, tmp_path, how):
     """Ctrl-C is passed on as one SIGTERM; at shutdown training gets its own SIGTERM and no second one."""
@@ -350,9 +356,8 @@ def test_worker_signals_reach_training_once(env, tmp_path, how):
     command = TRAINING if how != "between-restarts" else "echo step 1; exit 1"
     loop = subprocess.Popen(["bash", str(LAUNCH / "worker.sh"), "run", "--run-dir", str(run_dir), "--restarts", "5",
                              "--restart-delay", "30", "--", "bash", "-c", command], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # The line training prints once its trap is set, not the log's header, which quotes the command: a SIGTERM that
-    # reaches the child between fork and exec is lost, and the loop would wait for a child that never stops.
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_as_from_a_terminal)
+    # The line training prints once its trap is set, not the log's header, which quotes the command.
     wait_for(lambda: log.exists() and "step 1" in log.read_text().splitlines() and (run_dir / "train.pid").exists())
     if how == "ctrl-c":
         loop.send_signal(signal.SIGINT)
