@@ -106,14 +106,16 @@ def main(argv: list[str]) -> None:
     # Deferred so that --help answers at once and XLA_FLAGS is set before JAX starts its backends.
     from ddpm_jax import xla_flags
 
-    xla_flags.apply_defaults()
+    distributed = bool(FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None)
+    xla_flags.apply_defaults(cpu_devices=xla_flags.cpu_devices_for(
+        FLAGS.mode, xla_flags.host_cores(), FLAGS.config.training.batch_size, distributed))
     import jax
 
     from ddpm_jax import fileio, parallel
     from ddpm_jax.errors import UserError
 
     try:
-        if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None:
+        if distributed:
             parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         cache_dir = os.environ.get("DDPM_JAX_COMPILATION_CACHE", os.path.expanduser("~/.cache/ddpm_jax/jax"))
         if cache_dir:

@@ -34,6 +34,33 @@ def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
     assert all(f"--{name}=" in flags for name in xla_flags.CPU_DEFAULTS)
 
 
+def test_sampling_modes_get_one_cpu_device_per_core_that_divides_the_batch():
+    assert xla_flags.cpu_devices_for("sample", cores=2, batch_size=16) == 2
+    assert all(xla_flags.cpu_devices_for(m, 2, 16) == 2 for m in ("fid", "inpaint", "edit"))
+    assert xla_flags.cpu_devices_for("train", cores=2, batch_size=16) == 1  # Training keeps one device.
+    assert xla_flags.cpu_devices_for("eval", cores=2, batch_size=16) == 1
+    assert xla_flags.cpu_devices_for("sample", cores=6, batch_size=16) == 4  # The training batch must split evenly.
+    assert xla_flags.cpu_devices_for("sample", cores=2, batch_size=3) == 1
+    assert xla_flags.cpu_devices_for("sample", cores=64, batch_size=128) == xla_flags.MAX_CPU_DEVICES
+    assert xla_flags.cpu_devices_for("sample", cores=1, batch_size=16) == 1
+    assert xla_flags.cpu_devices_for("sample", cores=2, batch_size=16, distributed=True) == 1
+    assert xla_flags.host_cores() >= 1
+
+
+def test_apply_defaults_adds_the_device_count_unless_the_user_set_one(monkeypatch):
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))  # Untested jaxlib: only the device count.
+    assert xla_flags.apply_defaults(cpu_devices=2) == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_flags.apply_defaults(cpu_devices=1) == ""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert xla_flags.apply_defaults(cpu_devices=2) == "--xla_force_host_platform_device_count=8"  # The user's wins.
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "0")
+    assert xla_flags.apply_defaults(cpu_devices=2) == ""
+
+
 _FORWARD_AND_GRADIENT = """
 import json, sys
 sys.path.insert(0, {repo!r})
