@@ -3,6 +3,10 @@
 Run by `benchmarks/run.py`; prints one JSON object. Everything timed is what `--mode=train` and `--mode=sample` run:
 `train.make_train_step` (noising, forward, backward, clipping, Adam, EMA under shard_map) and
 `sampler.make_sampler` (one lax.scan over the denoising steps). Compilation and warm-up are timed apart.
+
+By default one process times both on the devices `--mode=train` uses (one CPU device). With --sampling_only it times
+only the sampler, on the devices `--mode=sample` uses: on a CPU host one per core (xla_flags.cpu_devices_for), which
+must be set before JAX starts, hence a process of its own.
 """
 
 from __future__ import annotations
@@ -19,9 +23,27 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import presets  # noqa: E402  (imports no JAX)
 from ddpm_jax import xla_flags  # noqa: E402
 
-xla_flags.apply_defaults()  # What `python -m ddpm_jax.main` runs with; DDPM_JAX_XLA_DEFAULTS=0 measures without.
+
+def cpu_devices_for_argv(argv: list[str]) -> int:
+    """CPU devices that `python -m ddpm_jax.main` would use for this benchmark's work: per core for --sampling_only
+    (the sampling modes' split of the preset's batch), else one, as training runs."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(presets.PRESETS))
+    pre.add_argument("--batch_size", type=int, default=0)
+    pre.add_argument("--sampling_only", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    if not known.sampling_only or known.preset is None:
+        return 1
+    batch = known.batch_size if known.batch_size > 0 else presets.get(known.preset).batch_size
+    return xla_flags.cpu_devices_for("sample", xla_flags.host_cores(), batch)
+
+
+# What `python -m ddpm_jax.main` runs with; DDPM_JAX_XLA_DEFAULTS=0 measures without. Imported (by the tests), it only
+# adds the flags, as JAX has started already.
+xla_flags.apply_defaults(cpu_devices=cpu_devices_for_argv(sys.argv[1:]) if __name__ == "__main__" else 1)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -32,7 +54,6 @@ import numpy as np  # noqa: E402
 if os.environ.get("DDPM_JAX_BENCH_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["DDPM_JAX_BENCH_CACHE"])
 
-from benchmarks import presets  # noqa: E402
 from benchmarks.timing import run_times  # noqa: E402
 from ddpm_jax import config as default  # noqa: E402
 from ddpm_jax import parallel, sampler, train, train_state  # noqa: E402
@@ -135,6 +156,37 @@ def device_stats() -> dict:
     return {"device_kind": device.device_kind, "peak_device_mib": peak / 2**20 if peak is not None else None}
 
 
+def time_sampler(compiled: Any, params: Any, key: jax.Array, steps: int) -> float:
+    """Seconds per denoising step of a compiled sampler call: the median of 3 calls after one warm-up."""
+    jax.block_until_ready(compiled(params, key))
+    return statistics.median(run_times(lambda: jax.block_until_ready(compiled(params, key)), 3)) / steps
+
+
+def sampling_only(p: presets.Preset, dtype: str) -> dict:
+    """Times the preset's sampler alone, as `--mode=sample` runs it: the train state initialised (sample restores a
+    whole checkpoint), its EMA parameters kept, the sampler compiled, then timed on this process's devices."""
+    config = benchmark_config(p, dtype, 1)
+    mesh = parallel.make_mesh()
+    model = unet.create_model(config)
+    params = train_state.init_train_state(config, model, train_state.create_optimizer(config), mesh).ema_params
+    train.release_freed_heap()
+    key = jax.random.PRNGKey(1)
+    start = time.perf_counter()
+    compiled = sampler.make_sampler(config, model, mesh).lower(params, key, p.batch_size).compile()
+    compile_s = time.perf_counter() - start
+    train.release_freed_heap()  # As sampler.precompile does.
+    return {
+        "framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {dtype})",
+        "params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "sample_s_per_step": time_sampler(compiled, params, key, p.sample_steps),
+        "sample_devices": jax.device_count(),
+        "sample_compile_s": compile_s,
+        "dtype": dtype,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "batch_size": p.batch_size,
+    }
+
+
 def main() -> None:
     """Measures train throughput, compile time, sampling time per step and peak memory for one preset."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -142,13 +194,20 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps_per_dispatch", type=int, default=1)
     parser.add_argument("--skip_sampling", action="store_true")
+    parser.add_argument("--sampling_only", action="store_true",
+                        help="time only the sampler, on the devices --mode=sample uses (one per CPU core)")
     parser.add_argument("--batch_size", type=int, default=0, help="instead of the preset's batch (GPU check: 64)")
     parser.add_argument("--train_repeats", type=int, default=0, help="instead of the preset's timed train steps")
     parser.add_argument("--sample_steps", type=int, default=0, help="instead of the preset's steps per sampler call")
     args = parser.parse_args()
+    if args.sampling_only and args.skip_sampling:
+        raise SystemExit("error: --sampling_only and --skip_sampling exclude each other; pass one")
     p = presets.get(args.preset)
     overrides = {"batch_size": args.batch_size, "train_repeats": args.train_repeats, "sample_steps": args.sample_steps}
     p = dataclasses.replace(p, **{k: v for k, v in overrides.items() if v > 0})
+    if args.sampling_only:
+        print(json.dumps(sampling_only(p, args.dtype)))
+        return
     k = args.steps_per_dispatch
     bench = setup(p, args.dtype, k)
     num_params = sum(x.size for x in jax.tree.leaves(bench.state.params))
@@ -176,10 +235,8 @@ def main() -> None:
         "loss": loss,
     }
     if not args.skip_sampling:
-        params = bench.state.ema_params
-        jax.block_until_ready(compiled(params, key))
-        result["sample_s_per_step"] = statistics.median(
-            run_times(lambda: jax.block_until_ready(compiled(params, key)), 3)) / p.sample_steps
+        result["sample_s_per_step"] = time_sampler(compiled, bench.state.ema_params, key, p.sample_steps)
+        result["sample_devices"] = jax.device_count()
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result.update(device_stats())
     peak = peak_flops(result["device_kind"], args.dtype)

@@ -5,9 +5,11 @@
 
 Each measurement runs in its own process, one after another (never two at once: the machine has few cores), so that
 peak memory is per framework: this machine's ceilings (ceiling.py), the input pipeline (pipeline_bench.py), ddpm_jax's
-train step and sampler (jax_bench.py) and, with --peer, diffusers UNet2DModel + DDPMScheduler on PyTorch
-(peer_bench.py, run with --peer_python or $DDPM_JAX_PEER_PYTHON, a Python with `torch==2.13.0 diffusers`).
-Times are medians of repeated runs with compilation and warm-up excluded. With --json the last line is one JSON object.
+train step (jax_bench.py, on the devices --mode=train uses), its sampler (jax_bench.py --sampling_only, on the devices
+--mode=sample uses: one per CPU core; ddpm_jax's peak RSS is the larger process's) and, with --peer, diffusers
+UNet2DModel + DDPMScheduler on PyTorch (peer_bench.py, run with --peer_python or $DDPM_JAX_PEER_PYTHON, a Python with
+`torch==2.13.0 diffusers`). Times are medians of repeated runs with compilation and warm-up excluded. With --json the
+last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ def cpu_flags() -> str:
     return " ".join(sorted(f for f in set(flags) if f.startswith("avx512") or f in ("avx2", "fma", "amx_bf16")))
 
 
+def merge_sampling(train: dict, sampling: dict) -> dict:
+    """Our figures from the train process and the sampling process: sampling's speed, devices and compile time, and
+    the peak RSS of the larger process (each mode runs in a process of its own)."""
+    merged = {**train, **{k: sampling[k] for k in ("sample_s_per_step", "sample_devices", "sample_compile_s")}}
+    merged["train_peak_rss_mib"] = train["peak_rss_mib"]
+    merged["sample_peak_rss_mib"] = sampling["peak_rss_mib"]
+    merged["peak_rss_mib"] = max(train["peak_rss_mib"], sampling["peak_rss_mib"])
+    return merged
+
+
 def summarize(preset: presets.Preset, ceilings: dict, pipeline: dict | None, ours: dict, peer: dict | None,
               dtype: str) -> dict:
     """The report: our figures, achieved GFLOP/s against the measured ceiling, and the ratios to the peer."""
@@ -83,7 +95,8 @@ def summarize(preset: presets.Preset, ceilings: dict, pipeline: dict | None, our
         "device": f"{cpu_name()}, {os.cpu_count()} cores",
         **{k: ours[k] for k in ("framework", "params", "train_img_s", "train_step_s", "compile_s", "peak_rss_mib",
                                 "flops_per_image", "steps_per_dispatch", "dtype", "loss") if k in ours},
-        "sample_s_per_step": ours.get("sample_s_per_step"),
+        **{k: ours.get(k) for k in ("sample_s_per_step", "sample_devices", "sample_compile_s", "train_peak_rss_mib",
+                                    "sample_peak_rss_mib")},
         "gflop_s": gflop_s,
         "ceiling_gflop_s": ceiling,
         "fraction_of_ceiling": gflop_s / ceiling,
@@ -108,10 +121,13 @@ def print_report(r: dict) -> None:
           f"{r['flops_per_image'] / 1e9:.2f} GFLOP per training image")
     print(f"  ceilings (GFLOP/s): matmul f32 {r['ceilings']['matmul_f32']:.0f}, conv f32 fwd+bwd "
           f"{r['ceilings']['conv_f32_fwd_bwd']:.0f}, matmul bf16 {r['ceilings']['matmul_bf16']:.0f}")
-    sample = f", sampling {r['sample_s_per_step']:.3f} s/step" if r["sample_s_per_step"] else ""
+    sample = ""
+    if r["sample_s_per_step"]:
+        sample = (f", sampling {r['sample_s_per_step']:.3f} s/step on {r['sample_devices']} device(s) "
+                  f"(compile {r['sample_compile_s']:.1f} s, peak RSS {r['sample_peak_rss_mib']:.0f} MiB)")
     print(f"  ddpm_jax: train {r['train_img_s']:.2f} img/s ({r['gflop_s']:.1f} GFLOP/s, "
-          f"{100 * r['fraction_of_ceiling']:.0f}% of ceiling){sample}, compile {r['compile_s']:.1f} s, "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+          f"{100 * r['fraction_of_ceiling']:.0f}% of ceiling), compile {r['compile_s']:.1f} s, "
+          f"peak RSS {r.get('train_peak_rss_mib') or r['peak_rss_mib']:.0f} MiB{sample}")
     if "pipeline_batches_img_s" in r:
         print(f"  input pipeline: {r['pipeline_batches_img_s']:.0f} img/s of batches ({r['pipeline_over_train']:.0f}x "
               f"the train throughput), decoding {r['pipeline_decode_img_s']:.0f} img/s")
@@ -149,7 +165,10 @@ def main() -> None:
         print(f"skipping the input pipeline: {e}", file=sys.stderr)
         pipeline = None
     ours_args = [f"--preset={preset.name}", f"--dtype={args.dtype}", f"--steps_per_dispatch={args.steps_per_dispatch}"]
-    ours = run_child(py, "jax_bench.py", *ours_args, *(["--skip_sampling"] if args.skip_sampling else []))
+    ours = run_child(py, "jax_bench.py", *ours_args, "--skip_sampling")
+    if not args.skip_sampling:
+        ours = merge_sampling(ours, run_child(py, "jax_bench.py", f"--preset={preset.name}", f"--dtype={args.dtype}",
+                                              "--sampling_only"))
     peer = None
     if args.peer:
         peer = run_child(args.peer_python, "peer_bench.py", f"--preset={preset.name}",

@@ -13,7 +13,7 @@ from helpers import REPO, tiny_config
 
 sys.path.insert(0, str(REPO))
 from benchmarks import flag_sweep, gpu_check, jax_bench, op_profile, presets, profile_ops, quality, run  # noqa: E402
-from ddpm_jax import data  # noqa: E402
+from ddpm_jax import data, xla_flags  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 # Parameter counts of diffusers 0.42.1 UNet2DModel(**presets.diffusers_unet_kwargs(preset)), printed by
@@ -55,6 +55,33 @@ def test_summary_ratios_and_fraction_of_ceiling():
     assert r["memory_ratio"] == pytest.approx(1.5) and r["pipeline_over_train"] == pytest.approx(100.0)
     assert r["peer"]["gflop_s"] == pytest.approx(20.0)
     assert run.summarize(p, ceilings, None, ours, None, "bfloat16")["ceiling_gflop_s"] == 30.0
+
+
+def test_sampling_is_measured_on_the_devices_of_the_sample_mode(monkeypatch):
+    monkeypatch.setattr(jax_bench.xla_flags, "host_cores", lambda: 2)
+    assert jax_bench.cpu_devices_for_argv(["--preset=tiny32", "--sampling_only"]) == 2
+    assert jax_bench.cpu_devices_for_argv(["--preset=tiny32"]) == 1  # Training: one device, as --mode=train.
+    assert jax_bench.cpu_devices_for_argv(["--preset=tiny32", "--sampling_only", "--batch_size=3"]) == 1
+    train = {"train_img_s": 30.0, "peak_rss_mib": 900.0, "sample_devices": 1}
+    sampling = {"sample_s_per_step": 0.05, "sample_devices": 2, "sample_compile_s": 3.0, "peak_rss_mib": 700.0}
+    merged = run.merge_sampling(train, sampling)
+    assert merged["sample_s_per_step"] == 0.05 and merged["sample_devices"] == 2 and merged["train_img_s"] == 30.0
+    assert merged["peak_rss_mib"] == 900.0 and merged["sample_peak_rss_mib"] == 700.0
+    assert run.merge_sampling({**train, "peak_rss_mib": 500.0}, sampling)["peak_rss_mib"] == 700.0
+
+
+def test_sampling_only_run_times_the_sampler_on_one_device_per_core():
+    # No device count in XLA_FLAGS: the benchmark picks it as --mode=sample does.
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",
+               DDPM_JAX_BENCH_CACHE=os.environ["DDPM_JAX_COMPILATION_CACHE"])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "jax_bench.py"), "--preset=tiny32",
+                           "--sampling_only", "--batch_size=2", "--sample_steps=2"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["sample_devices"] == xla_flags.cpu_devices_for("sample", xla_flags.host_cores(), 2)
+    assert r["sample_s_per_step"] > 0 and r["sample_compile_s"] > 0 and r["peak_rss_mib"] > 0
+    assert r["params"] == DIFFUSERS_PARAMS["tiny32"] and "train_img_s" not in r
 
 
 def test_peer_without_torch_fails_before_measuring_anything(tmp_path):
