@@ -112,9 +112,17 @@ class Bench:
 
     def compiled_sampler(self, key: jax.Array):
         """The product's sampler for one batch of the preset, compiled: call it with (params, key)."""
-        params = self.state.ema_params
-        return sampler.make_sampler(self.config, self.model, self.mesh).lower(params, key, self.preset.batch_size
-                                                                              ).compile()
+        return compile_sampler(self.config, self.model, self.mesh, self.state.ema_params, key, self.preset.batch_size)
+
+
+def compile_sampler(config: Any, model: unet.UNet, mesh: jax.sharding.Mesh, params: Any, key: jax.Array, batch: int):
+    """The product's sampler (what --mode=sample runs) for `batch` samples, compiled: call it with (params, key)."""
+    return sampler.make_sampler(config, model, mesh).lower(params, key, batch).compile()
+
+
+def framework(dtype: str) -> str:
+    """The "framework" field of a report: JAX's version, the platform it runs on and the compute dtype."""
+    return f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {dtype})"
 
 
 def setup(p: presets.Preset, dtype: str, steps_per_dispatch: int) -> Bench:
@@ -172,11 +180,11 @@ def sampling_only(p: presets.Preset, dtype: str) -> dict:
     train.release_freed_heap()
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
-    compiled = sampler.make_sampler(config, model, mesh).lower(params, key, p.batch_size).compile()
+    compiled = compile_sampler(config, model, mesh, params, key, p.batch_size)
     compile_s = time.perf_counter() - start
     train.release_freed_heap()  # As sampler.precompile does.
     return {
-        "framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {dtype})",
+        "framework": framework(dtype),
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
         "sample_s_per_step": time_sampler(compiled, params, key, p.sample_steps),
         "sample_devices": jax.device_count(),
@@ -224,7 +232,7 @@ def main() -> None:
     loss = float(np.mean(parallel.fetch(bench.dispatch()["loss"])))
 
     result = {
-        "framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {args.dtype})",
+        "framework": framework(args.dtype),
         "params": int(num_params),
         "train_img_s": p.batch_size / train_s,
         "train_step_s": train_s,

@@ -91,7 +91,7 @@ def profile_ours(p: presets.Preset, dtype: str, steps: int, skip_sampling: bool)
     bench = jax_bench.setup(p, dtype, 1)
     for _ in range(2):
         bench.dispatch()
-    out = {"framework": f"ddpm_jax / jax {jax.__version__} ({jax.devices()[0].platform}, {dtype})",
+    out = {"framework": jax_bench.framework(dtype),
            "train": profile_compiled(bench.step, bench.dispatch, steps, 1, sample=False)}
     if not skip_sampling:
         key, params = jax.random.PRNGKey(1), bench.state.ema_params

@@ -7,7 +7,7 @@ The flag is experimental in XLA, so it is only added for the jaxlib releases it 
 XLA_FLAGS value for the same flag wins, and DDPM_JAX_XLA_DEFAULTS=0 turns the defaults off.
 
 The modes that only sample (sample, fid, inpaint, edit) also split the host CPU into one JAX device per core, up to
-8: the batch is then data-parallel over the cores, which sampled 1.14-1.33x faster on 2-core VMs than one device
+8: the batch is then data-parallel over the cores, which sampled 1.07-1.33x faster on 2-core VMs than one device
 using both cores. Training keeps one device: there it was as fast or slower and peaked higher (README "Performance").
 The flag only adds CPU devices, so on a GPU or TPU host, whose default devices are the accelerators, it changes nothing.
 """
