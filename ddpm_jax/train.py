@@ -36,6 +36,7 @@ from ddpm_jax import (
     rng,
     sampler,
     train_state,
+    xla_flags,
 )
 from ddpm_jax.diffusion import guidance, losses
 from ddpm_jax.diffusion.parameterization import Parameterization
@@ -123,10 +124,12 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: j
     """
     param = builders.create_parameterization(config, clip_denoised=False)  # The loss never clips.
     step = functools.partial(train_step, model=model, param=param, config=config)
+    # Part of the jitted function, so that every call and every .lower().compile() of it compiles alike.
+    options = xla_flags.train_step_compiler_options(mesh.devices.flat[0].platform)
     k = config.training.steps_per_dispatch
     if k == 1:
         sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-        return jax.jit(sharded, donate_argnums=(0,))
+        return jax.jit(sharded, donate_argnums=(0,), compiler_options=options)
 
     # XLA:CPU rewrites convolutions into the layout its fast kernels take only in the entry computation, so the
     # gradient convolutions of a step inside a while loop fall back to a naive loop (15x slower, measured): on CPUs
@@ -137,7 +140,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: j
         return jax.lax.scan(step, state, stacked, length=k, unroll=unroll)
 
     sharded = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=(0,))
+    return jax.jit(sharded, donate_argnums=(0,), compiler_options=options)
 
 
 def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Batch:

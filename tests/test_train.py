@@ -16,7 +16,7 @@ import optax
 import pytest
 from helpers import assert_same_tree, conditional_config, tiny_config
 
-from ddpm_jax import checkpointing, data, metric_writers, parallel, train, train_state
+from ddpm_jax import checkpointing, data, metric_writers, parallel, train, train_state, xla_flags
 from ddpm_jax.errors import CheckpointMismatchError, ConfigError, DataError, NonFiniteLossError
 from ddpm_jax.models import unet
 
@@ -269,6 +269,22 @@ def test_cpu_steps_are_unrolled_not_looped(conditional, conditional_run):
                            for pattern in (r" while\(", r" convolution\("))
     assert convolutions[2] == 2 * convolutions[1] > 0
     assert loops[2] == 2 * loops[1]
+
+
+def test_the_cpu_train_step_routes_its_reductions_through_ynnpack(conditional, conditional_run):
+    """The train step's own compile option (xla_flags.train_step_compiler_options) reaches its program: GroupNorm's
+    reductions become YNNPACK fusions there, which the process-wide "dot" flag alone does not make."""
+    if not xla_flags.train_step_compiler_options("cpu"):
+        pytest.skip("the option is only passed on the jaxlib releases it was measured on, with the defaults on")
+    config, _ = conditional
+    config.training.steps_per_dispatch = 1
+    mesh = parallel.make_mesh()
+    model = unet.create_model(config)
+    abstract = train_state.abstract_train_state(config, model, train_state.create_optimizer(config), mesh)
+    program = train.make_train_step(config, model, mesh).lower(abstract, train.batch_spec(config, mesh)).compile()
+    ynn_reductions = [line for line in program.as_text().splitlines()
+                      if '"kind":"__ynn_fusion"' in line and "reduce_sum" in line]
+    assert ynn_reductions
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -34,6 +34,25 @@ def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
     assert all(f"--{name}=" in flags for name in xla_flags.CPU_DEFAULTS)
 
 
+def test_train_step_options_follow_the_defaults_and_yield_to_the_user(monkeypatch):
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: xla_flags.TESTED_JAXLIB[0])
+    assert xla_flags.train_step_compiler_options("cpu") == xla_flags.TRAIN_STEP_CPU_OPTIONS
+    assert xla_flags.train_step_compiler_options("gpu") == {} and xla_flags.train_step_compiler_options("tpu") == {}
+    assert xla_flags.train_step_compiler_options("cpu") == xla_flags.TRAIN_STEP_CPU_OPTIONS
+    monkeypatch.setenv("XLA_FLAGS", xla_flags.apply_defaults())  # The default value, as a child process inherits it.
+    assert xla_flags.train_step_compiler_options("cpu") == xla_flags.TRAIN_STEP_CPU_OPTIONS
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise")  # The user's choice wins.
+    assert xla_flags.train_step_compiler_options("cpu") == {}
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "off")
+    assert xla_flags.train_step_compiler_options("cpu") == {}
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))
+    assert xla_flags.train_step_compiler_options("cpu") == {}
+
+
 def test_sampling_modes_get_one_cpu_device_per_core_that_divides_the_batch():
     assert xla_flags.cpu_devices_for("sample", cores=2, batch_size=16) == 2
     assert all(xla_flags.cpu_devices_for(m, 2, 16) == 2 for m in ("fid", "inpaint", "edit"))
@@ -76,11 +95,13 @@ t = jnp.array([0, 10, 50, 99])
 shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), x, t)
 flat, unravel = jax.flatten_util.ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 params = unravel(0.1 * jax.random.normal(jax.random.PRNGKey(2), flat.shape))
-out, grads = jax.jit(lambda p: (model.apply(p, x, t),
-                                jax.grad(lambda q: jnp.mean((model.apply(q, x, t) - x) ** 2))(p)))(params)
+# The forward as the sampler compiles it; the gradient with the train step's own compile options.
+out = jax.jit(model.apply)(params, x, t)
+options = xla_flags.train_step_compiler_options("cpu")
+grads = jax.jit(jax.grad(lambda q: jnp.mean((model.apply(q, x, t) - x) ** 2)), compiler_options=options)(params)
 np.savez({path!r}, out=np.asarray(out), **{{"/".join(str(k.key) for k in path): np.asarray(g)
          for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}})
-print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", "")}}))
+print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", ""), "options": options}}))
 """
 
 
@@ -91,16 +112,18 @@ def _run(tmp_path, name, defaults_on):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])["xla_flags"], np.load(path)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report["xla_flags"], report["options"], np.load(path)
 
 
 @pytest.mark.skipif(xla_flags.jaxlib_version() is None
                     or not xla_flags.TESTED_JAXLIB[0] <= xla_flags.jaxlib_version() < xla_flags.TESTED_JAXLIB[1],
                     reason="the default flags are only applied on the jaxlib releases they were measured on")
 def test_the_unet_and_its_gradients_match_the_plain_xla_path(tmp_path):
-    flags_on, fast = _run(tmp_path, "fast", True)
-    flags_off, plain = _run(tmp_path, "plain", False)
+    flags_on, options_on, fast = _run(tmp_path, "fast", True)
+    flags_off, options_off, plain = _run(tmp_path, "plain", False)
     assert "ynn_fusion_type" in flags_on and "ynn_fusion_type" not in flags_off
+    assert options_on == xla_flags.TRAIN_STEP_CPU_OPTIONS and options_off == {}
     assert set(fast.files) == set(plain.files) and len(fast.files) > 20
     largest = max(np.abs(plain[name]).max() for name in plain.files if name != "out")
     for name in plain.files:
