@@ -12,7 +12,17 @@ import pytest
 from helpers import REPO, tiny_config
 
 sys.path.insert(0, str(REPO))
-from benchmarks import flag_sweep, gpu_check, jax_bench, op_profile, presets, profile_ops, quality, run  # noqa: E402
+from benchmarks import (  # noqa: E402
+    flag_sweep,
+    gpu_check,
+    jax_bench,
+    op_profile,
+    presets,
+    profile_ops,
+    quality,
+    run,
+    train_options_ab,
+)
 from ddpm_jax import data, xla_flags  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
@@ -181,6 +191,22 @@ def test_peak_flops_by_device_kind():
     assert jax_bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
     assert jax_bench.peak_flops("NVIDIA H200", "float32") == 494.7e12
     assert jax_bench.peak_flops("cpu", "float32") is None
+
+
+def test_train_options_ab_times_both_programs_and_shows_the_options_reached_the_compiler():
+    env = dict(os.environ, XLA_FLAGS="", DDPM_JAX_BENCH_CACHE=os.environ["DDPM_JAX_COMPILATION_CACHE"])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_options_ab.py"), "--preset=smoke",
+                           "--rounds=1", "--steps=1"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(r["img_s"]["product"]) == len(r["img_s"]["variant"]) == 1 and r["speed_ratio"] > 0
+    assert r["variant_options"] == {xla_flags.YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_DOT"}
+    assert r["ynn_reductions"]["variant"] == 0
+    if r["product_options"]:  # The tested jaxlib releases: the train step's own option makes YNNPACK reductions.
+        assert r["ynn_reductions"]["product"] > 0
+    assert train_options_ab.parse_options(["a=b", "c=d,e"]) == {"a": "b", "c": "d,e"}
+    with pytest.raises(SystemExit, match="is not KEY=VALUE"):
+        train_options_ab.parse_options(["novalue"])
 
 
 def test_flag_sweep_ratios_are_medians_against_the_defaults():

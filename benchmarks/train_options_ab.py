@@ -1,0 +1,85 @@
+"""The product's train step against the same step compiled with other XLA compile options, A/B in one process.
+
+    python benchmarks/train_options_ab.py --preset tiny32 [--option KEY=VALUE ...] [--rounds 8] [--steps 10]
+
+Without --option the variant is the step without its own compile options (xla_flags.train_step_compiler_options),
+i.e. YNNPACK for convolutions and dots only, as the process-wide XLA flag sets it. Both programs advance one state
+on fixed synthetic images; rounds alternate their order, so a drift of the machine shows in both. Prints one JSON
+object: img/s per round, medians, the speed ratio (product over variant) and how many reductions each program hands
+to YNNPACK, which shows that the options reached the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from benchmarks import jax_bench, presets  # noqa: E402  (jax_bench applies the product's XLA flags)
+from ddpm_jax import train, xla_flags  # noqa: E402
+
+
+def ynn_reductions(compiled) -> int:
+    """Reductions in a compiled CPU program that run as YNNPACK fusions."""
+    return sum('"kind":"__ynn_fusion"' in line and "reduce_sum" in line for line in compiled.as_text().splitlines())
+
+
+def parse_options(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE strings as a compile-options dict; without any, the YNN fusion type of the process-wide flag."""
+    if not items:
+        return {xla_flags.YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_DOT"}
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --option {item!r} is not KEY=VALUE, e.g. {xla_flags.YNN_FUSION_FLAG}=...")
+        options[key] = value
+    return options
+
+
+def main() -> None:
+    """Times both programs in alternating rounds and prints the comparison."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", required=True, choices=sorted(presets.PRESETS))
+    parser.add_argument("--option", action="append", default=[], help="KEY=VALUE compile option of the variant")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10, help="train steps per program per round")
+    args = parser.parse_args()
+    options = parse_options(args.option)
+    p = presets.get(args.preset)
+    bench = jax_bench.setup(p, "float32", 1)
+    variant = train.make_train_step(bench.config, bench.model, bench.mesh).lower(bench.state, bench.batch).compile(
+        compiler_options=options)
+    programs = {"product": bench.step, "variant": variant}
+    img_s: dict[str, list[float]] = {name: [] for name in programs}
+
+    def run(name: str, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            bench.state, scalars = programs[name](bench.state, bench.batch)
+        jax.block_until_ready(scalars["loss"])
+        return p.batch_size * steps / (time.perf_counter() - start)
+
+    for name in programs:  # Warm-up.
+        run(name, 2)
+    for r in range(args.rounds):
+        for name in (programs if r % 2 == 0 else reversed(list(programs))):
+            img_s[name].append(run(name, args.steps))
+    medians = {name: statistics.median(v) for name, v in img_s.items()}
+    print(json.dumps({
+        "preset": p.name, "product_options": xla_flags.train_step_compiler_options(jax.devices()[0].platform),
+        "variant_options": options, "median_img_s": medians, "speed_ratio": medians["product"] / medians["variant"],
+        "ynn_reductions": {"product": ynn_reductions(bench.step), "variant": ynn_reductions(variant)},
+        "img_s": img_s,
+    }))
+
+
+if __name__ == "__main__":
+    main()
