@@ -124,12 +124,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: j
     """
     param = builders.create_parameterization(config, clip_denoised=False)  # The loss never clips.
     step = functools.partial(train_step, model=model, param=param, config=config)
-    # Part of the jitted function, so that every call and every .lower().compile() of it compiles alike.
-    options = xla_flags.train_step_compiler_options(mesh.devices.flat[0].platform)
     k = config.training.steps_per_dispatch
     if k == 1:
         sharded = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=(P(), P()))
-        return jax.jit(sharded, donate_argnums=(0,), compiler_options=options)
+        return jax.jit(sharded, donate_argnums=(0,))
 
     # XLA:CPU rewrites convolutions into the layout its fast kernels take only in the entry computation, so the
     # gradient convolutions of a step inside a while loop fall back to a naive loop (15x slower, measured): on CPUs
@@ -140,7 +138,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: nn.Module, mesh: j
         return jax.lax.scan(step, state, stacked, length=k, unroll=unroll)
 
     sharded = jax.shard_map(steps, mesh=mesh, in_specs=(P(), P(None, DATA_AXIS)), out_specs=(P(), P()))
-    return jax.jit(sharded, donate_argnums=(0,), compiler_options=options)
+    return jax.jit(sharded, donate_argnums=(0,))
 
 
 def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Batch:
@@ -175,7 +173,10 @@ def compile_train_step(step_fn: TrainStepFn, state: TrainState, batch: Batch) ->
     is 30 s late to the first all-reduce, so no process runs the step before all have compiled it.
     """
     start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    # The step's own XLA options (YNNPACK reductions on CPUs) go here, not on its jax.jit: a jit with compiler
+    # options cannot be traced inside another one (make_jaxpr, a user's jit), and this is where the loop compiles.
+    options = xla_flags.train_step_compiler_options(jax.default_backend())
+    compiled = step_fn.lower(state, batch).compile(compiler_options=options or None)
     logging.info("traced and compiled the train step in %.1f s", time.perf_counter() - start)
     release_freed_heap()
     parallel.sync_processes("train step compiled")

@@ -43,10 +43,13 @@ def _batches(config, source, steps, start=0):
 
 
 def _run(config, mesh, batches, state=None):
+    """The state and scalars after the given batches, with the step compiled as the loop compiles it."""
     _, step_fn, state = _setup(config, mesh, state)
+    global_batches = [jax.tree.map(lambda x: parallel.global_batch(mesh, x), b) for b in batches]
+    step_fn = train.compile_train_step(step_fn, state, global_batches[0])
     scalars = []
-    for b in batches:
-        state, s = step_fn(state, jax.tree.map(lambda x: parallel.global_batch(mesh, x), b))
+    for b in global_batches:
+        state, s = step_fn(state, b)
         scalars.append(jax.device_get(s))
     return jax.device_get(state), {k: np.array([s[k] for s in scalars]) for k in scalars[0]}
 
@@ -272,8 +275,9 @@ def test_cpu_steps_are_unrolled_not_looped(conditional, conditional_run):
 
 
 def test_the_cpu_train_step_routes_its_reductions_through_ynnpack(conditional, conditional_run):
-    """The train step's own compile option (xla_flags.train_step_compiler_options) reaches its program: GroupNorm's
-    reductions become YNNPACK fusions there, which the process-wide "dot" flag alone does not make."""
+    """The train step's own compile option (xla_flags.train_step_compiler_options) reaches the program the loop
+    compiles (train.compile_train_step): GroupNorm's reductions become YNNPACK fusions there, which the process-wide
+    "dot" flag alone does not make."""
     if not xla_flags.train_step_compiler_options("cpu"):
         pytest.skip("the option is only passed on the jaxlib releases it was measured on, with the defaults on")
     config, _ = conditional
@@ -281,7 +285,8 @@ def test_the_cpu_train_step_routes_its_reductions_through_ynnpack(conditional, c
     mesh = parallel.make_mesh()
     model = unet.create_model(config)
     abstract = train_state.abstract_train_state(config, model, train_state.create_optimizer(config), mesh)
-    program = train.make_train_step(config, model, mesh).lower(abstract, train.batch_spec(config, mesh)).compile()
+    program = train.compile_train_step(train.make_train_step(config, model, mesh), abstract,
+                                       train.batch_spec(config, mesh))
     ynn_reductions = [line for line in program.as_text().splitlines()
                       if '"kind":"__ynn_fusion"' in line and "reduce_sum" in line]
     assert ynn_reductions
