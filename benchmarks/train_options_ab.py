@@ -74,7 +74,7 @@ def main() -> None:
             img_s[name].append(run(name, args.steps))
     medians = {name: statistics.median(v) for name, v in img_s.items()}
     print(json.dumps({
-        "preset": p.name, "product_options": xla_flags.train_step_compiler_options(jax.devices()[0].platform),
+        "preset": p.name, "product_options": xla_flags.train_step_compiler_options(jax.default_backend()),
         "variant_options": options, "median_img_s": medians, "speed_ratio": medians["product"] / medians["variant"],
         "ynn_reductions": {"product": ynn_reductions(bench.step), "variant": ynn_reductions(variant)},
         "img_s": img_s,

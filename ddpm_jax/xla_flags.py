@@ -55,9 +55,14 @@ def cpu_devices_for(mode: str, cores: int, batch_size: int, distributed: bool = 
     return max(n for n in range(1, max(1, min(cores, MAX_CPU_DEVICES)) + 1) if batch_size % n == 0)
 
 
+def flag_values(xla_flags: str) -> dict[str, str]:
+    """The flags an XLA_FLAGS string sets, by name without dashes ("" for a flag given without a value)."""
+    return dict(f.lstrip("-").partition("=")[::2] for f in xla_flags.split())
+
+
 def merged(xla_flags: str, defaults: dict[str, str]) -> str:
     """XLA_FLAGS with each default flag appended unless the string already sets that flag."""
-    present = {f.lstrip("-").split("=", 1)[0] for f in xla_flags.split()}
+    present = flag_values(xla_flags)
     extra = [f"--{name}={value}" for name, value in defaults.items() if name not in present]
     return " ".join([xla_flags.strip(), *extra]).strip()
 
@@ -87,8 +92,8 @@ def train_step_compiler_options(platform: str) -> dict[str, str]:
     None either when the defaults are off or XLA_FLAGS sets the YNN fusion flag to another value than the default
     apply_defaults adds (which child processes inherit): the user's choice wins.
     """
-    values = dict(f.lstrip("-").partition("=")[::2] for f in os.environ.get("XLA_FLAGS", "").split())
-    users = values.get(YNN_FUSION_FLAG, CPU_DEFAULTS[YNN_FUSION_FLAG]) != CPU_DEFAULTS[YNN_FUSION_FLAG]
+    default = CPU_DEFAULTS[YNN_FUSION_FLAG]
+    users = flag_values(os.environ.get("XLA_FLAGS", "")).get(YNN_FUSION_FLAG, default) != default
     if platform != "cpu" or not defaults_wanted() or not jaxlib_tested() or users:
         return {}
     return dict(TRAIN_STEP_CPU_OPTIONS)
