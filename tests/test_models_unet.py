@@ -83,6 +83,29 @@ def test_folded_upsampling_is_the_unet_as_written(tiny_params):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_fused_norm_conv_is_the_unet_as_flax_modules(tiny_params):
+    """The UNet whose GroupNorm -> swish -> conv pairs are one op (the default) against the same UNet built from the
+    two flax modules: with dropout on in training (the same mask), outputs and every parameter's gradient agree."""
+    model, params = tiny_params
+    moved = perturbed(params)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    t = jnp.array([10, 99])
+
+    def value_and_grad(m):
+        def loss(p):
+            y = m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(4)})
+            return jnp.sum(y ** 2)
+        return jax.jit(jax.value_and_grad(loss))(moved)
+
+    fused = model.clone(dropout=0.3)
+    (loss, grads), (loss_ref, grads_ref) = value_and_grad(fused), value_and_grad(fused.clone(fused_norm_conv=False))
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for path, got in jax.tree_util.tree_leaves_with_path(grads):
+        want = dict(jax.tree_util.tree_leaves_with_path(grads_ref))[path]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))) + 1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
 def test_label_embedding_and_null_label(conditional_run):
     workdir, config = conditional_run
     model = unet.create_model(config)

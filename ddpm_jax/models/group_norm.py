@@ -29,7 +29,7 @@ def _sum_over_positions(x: jax.Array) -> jax.Array:
     return lax.dot_general(ones, x, (((2,), (1,)), ((0,), (0,))), precision=lax.Precision.HIGHEST)[:, 0, :]
 
 
-def _statistics(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+def group_statistics(x: jax.Array, num_groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
     """Per-group mean and reciprocal standard deviation of float32 x (B, P, C), each (B, num_groups)."""
     b, p, c = x.shape
     count = p * (c // num_groups)
@@ -43,7 +43,8 @@ def _per_channel(a: jax.Array, channels: int) -> jax.Array:
     return jnp.repeat(a, channels // a.shape[1], axis=1)
 
 
-def _affine(x: jax.Array, scale, bias, mean, rstd) -> tuple[jax.Array, jax.Array]:
+def affine(x: jax.Array, scale: jax.Array, bias: jax.Array, mean: jax.Array,
+           rstd: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(y, gain): y = (x - mean) * rstd * scale + bias for float32 x (B, P, C), as x * gain + shift per (B, C)."""
     c = x.shape[-1]
     gain = scale.astype(jnp.float32) * _per_channel(rstd, c)
@@ -54,8 +55,8 @@ def _affine(x: jax.Array, scale, bias, mean, rstd) -> tuple[jax.Array, jax.Array
 def _forward(x, scale, bias, num_groups, epsilon, swish):
     b, h, w, c = x.shape
     xf = x.astype(jnp.float32).reshape(b, h * w, c)
-    mean, rstd = _statistics(xf, num_groups, epsilon)
-    y, _ = _affine(xf, scale, bias, mean, rstd)
+    mean, rstd = group_statistics(xf, num_groups, epsilon)
+    y, _ = affine(xf, scale, bias, mean, rstd)
     if swish:
         y = y * jax.nn.sigmoid(y)
     # Only x and the (B, G) statistics are kept: the backward pass recomputes y (and the sigmoid) from them, which
@@ -72,10 +73,10 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     """
     # Under shard_map, parameters are the same on every device and x is not: a custom VJP must see them varying
     # like x, so that autodiff sums their per-device gradients (the transpose of this cast is a psum).
-    return _group_norm(x, _varying_like(scale, x), _varying_like(bias, x), num_groups, epsilon, swish)
+    return _group_norm(x, varying_like(scale, x), varying_like(bias, x), num_groups, epsilon, swish)
 
 
-def _varying_like(a: jax.Array, x: jax.Array) -> jax.Array:
+def varying_like(a: jax.Array, x: jax.Array) -> jax.Array:
     """`a` marked as varying over every shard_map axis x varies over (a no-op outside shard_map)."""
     missing = tuple(sorted(jax.typeof(x).mat.varying - jax.typeof(a).mat.varying))
     return lax.pcast(a, missing, to="varying") if missing else a
@@ -86,7 +87,9 @@ def _group_norm(x, scale, bias, num_groups, epsilon, swish):
     return _forward(x, scale, bias, num_groups, epsilon, swish)[0]
 
 
-def _group_norm_bwd(num_groups, epsilon, swish, residuals, g):
+def group_norm_backward(num_groups: int, epsilon: float, swish: bool, residuals: tuple,
+                        g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dx, dscale, dbias) of `group_norm` for the cotangent g, from its residuals (x, mean, rstd, scale, bias)."""
     # With xhat = (x - mean) * rstd and y = scale * xhat + bias, per group of n elements:
     #   dx = rstd * (scale * dy - sum(scale * dy) / n - xhat * sum(scale * dy * xhat) / n),
     # and sum(dy * xhat) over positions is rstd * (sum(dy * x) - mean * sum(dy)): two sums of dy over positions.
@@ -97,7 +100,7 @@ def _group_norm_bwd(num_groups, epsilon, swish, residuals, g):
     xf = x.astype(jnp.float32).reshape(b, h * w, c)
     dy = g.astype(jnp.float32).reshape(b, h * w, c)
     if swish:
-        y, _ = _affine(xf, scale, bias, mean, rstd)
+        y, _ = affine(xf, scale, bias, mean, rstd)
         sig = jax.nn.sigmoid(y)
         dy = dy * sig * (1.0 + y * (1.0 - sig))
     sum_dy, sum_dy_x = _sum_over_positions(dy), _sum_over_positions(dy * xf)
@@ -115,7 +118,7 @@ def _group_norm_bwd(num_groups, epsilon, swish, residuals, g):
             sum_dy.sum(0).astype(bias.dtype))
 
 
-_group_norm.defvjp(_forward, _group_norm_bwd)
+_group_norm.defvjp(_forward, group_norm_backward)
 
 
 class GroupNorm(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from ddpm_jax.models.group_norm import GroupNorm
+from ddpm_jax.models.norm_conv import norm_swish_conv_layer
 from ddpm_jax.models.upsample import UpsampleConv
 
 Dtype = Any
@@ -37,6 +39,19 @@ def _zero_init() -> nn.initializers.Initializer:
 _default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 
 
+def _norm_swish_conv(module: nn.Module, x: jnp.ndarray, norm_name: str, conv_name: str, kernel_init: Any, *,
+                     features: int, num_groups: int, dtype: Dtype, fused: bool, dropout: float = 0.0,
+                     deterministic: bool = True) -> jnp.ndarray:
+    """GroupNorm -> swish -> dropout -> 3x3 conv in `module`: one op (models/norm_conv.py) or the flax modules."""
+    if fused:
+        return norm_swish_conv_layer(module, x, features=features, num_groups=num_groups, norm_name=norm_name,
+                                     conv_name=conv_name, kernel_init=kernel_init, dtype=dtype, dropout=dropout,
+                                     deterministic=deterministic)
+    h = GroupNorm(num_groups, dtype=dtype, swish=True, name=norm_name, parent=module)(x)
+    h = nn.Dropout(dropout, deterministic=deterministic, parent=module)(h)
+    return nn.Conv(features, (3, 3), dtype=dtype, kernel_init=kernel_init, name=conv_name, parent=module)(h)
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> swish -> conv, plus the time embedding, GroupNorm -> swish -> dropout -> conv, residual."""
 
@@ -44,18 +59,17 @@ class ResnetBlock(nn.Module):
     dropout: float
     num_groups: int = 32
     dtype: Dtype = jnp.float32
+    fused_norm_conv: bool = True  # See UNet.fused_norm_conv.
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Applies the block to x (B,H,W,C) conditioned on temb (B,E)."""
-        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm1")(x)
-        h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_default_init, name="conv1")(h)
-        h = h + nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="temb_proj")(
-            nn.swish(temb)
-        )[:, None, None, :]
-        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm2")(h)
-        h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = nn.Conv(self.out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv2")(h)
+        temb = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="temb_proj")(nn.swish(temb))
+        layer = functools.partial(_norm_swish_conv, self, features=self.out_ch, num_groups=self.num_groups,
+                                  dtype=self.dtype, fused=self.fused_norm_conv)
+        h = layer(x, "norm1", "conv1", _default_init)
+        h = layer(h + temb[:, None, None, :], "norm2", "conv2", _zero_init(), dropout=self.dropout,
+                  deterministic=not train)
         if x.shape[-1] != self.out_ch:
             # A 1x1 "network-in-network" projection when the channel count changes.
             x = nn.Dense(self.out_ch, dtype=self.dtype, kernel_init=_default_init, name="nin_shortcut")(x)
@@ -107,6 +121,9 @@ class UNet(nn.Module):
     # False computes each upsampling convolution as written, at the high resolution: the same function, 2.25x its
     # FLOPs; the reference of tests/test_models_unet.py and the model FLOPs of benchmarks/jax_bench.py.
     fold_upsampling: bool = True
+    # True computes each GroupNorm -> swish -> 3x3 conv pair as one op whose backward keeps only the norm's input
+    # (models/norm_conv.py: less memory in training, the same function and gradients); False as two flax modules.
+    fused_norm_conv: bool = True
 
     @nn.compact
     def __call__(
@@ -118,7 +135,8 @@ class UNet(nn.Module):
         for every example (an unconditional prediction of a class-conditional model). Only for num_classes > 0.
         """
         out_ch = self.out_ch or x.shape[-1]
-        block = {"dropout": self.dropout, "num_groups": self.num_groups, "dtype": self.dtype}
+        block = {"dropout": self.dropout, "num_groups": self.num_groups, "dtype": self.dtype,
+                 "fused_norm_conv": self.fused_norm_conv}
         temb = timestep_embedding(t, self.ch)
         temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=_default_init, name="temb_dense0")(temb)
         temb = nn.Dense(self.ch * 4, dtype=self.dtype, kernel_init=_default_init, name="temb_dense1")(
@@ -165,8 +183,8 @@ class UNet(nn.Module):
                                  folded=self.fold_upsampling, name=f"up_{level}_upsample")(h)
         assert not skips, "every skip connection must be consumed"
 
-        h = GroupNorm(self.num_groups, dtype=self.dtype, swish=True, name="norm_out")(h)
-        h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, kernel_init=_zero_init(), name="conv_out")(h)
+        h = _norm_swish_conv(self, h, "norm_out", "conv_out", _zero_init(), features=out_ch,
+                             num_groups=self.num_groups, dtype=self.dtype, fused=self.fused_norm_conv)
         return h.astype(jnp.float32)
 
 
