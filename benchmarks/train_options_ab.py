@@ -1,12 +1,14 @@
-"""The product's train step against the same step compiled with other XLA compile options, A/B in one process.
+"""The product's train step against the same step with other XLA compile options or UNet fields, A/B in one process.
 
-    python benchmarks/train_options_ab.py --preset tiny32 [--option KEY=VALUE ...] [--rounds 8] [--steps 10]
+    python benchmarks/train_options_ab.py --preset tiny32 [--option KEY=VALUE ...] [--model FIELD=VALUE ...]
+        [--rounds 8] [--steps 10]
 
 Without --option the variant is the step without its own compile options (xla_flags.train_step_compiler_options),
-i.e. YNNPACK for convolutions and dots only, as the process-wide XLA flag sets it. Both programs advance one state
-on fixed synthetic images; rounds alternate their order, so a drift of the machine shows in both. Prints one JSON
-object: img/s per round, medians, the speed ratio (product over variant) and how many reductions each program hands
-to YNNPACK, which shows that the options reached the compiler.
+i.e. YNNPACK for convolutions and dots only, as the process-wide XLA flag sets it; with --model only (e.g.
+`--model fused_norm_conv=false`), the product's options on a UNet with those fields (same parameters). Both
+programs advance one state on fixed synthetic images; rounds alternate their order, so a drift of the machine shows
+in both. Prints one JSON object: img/s per round, medians, the speed ratio (product over variant) and how many
+reductions each program hands to YNNPACK, which shows that the options reached the compiler.
 """
 
 from __future__ import annotations
@@ -44,19 +46,40 @@ def parse_options(items: list[str]) -> dict[str, str]:
     return options
 
 
+def parse_model_fields(items: list[str]) -> dict[str, bool | int]:
+    """FIELD=VALUE strings as UNet fields: true/false as booleans, digits as ints."""
+    fields: dict[str, bool | int] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --model {item!r} is not FIELD=VALUE, e.g. fused_norm_conv=false")
+        lowered = value.lower()
+        fields[key] = lowered == "true" if lowered in ("true", "false") else int(value)
+    return fields
+
+
 def main() -> None:
     """Times both programs in alternating rounds and prints the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", required=True, choices=sorted(presets.PRESETS))
     parser.add_argument("--option", action="append", default=[], help="KEY=VALUE compile option of the variant")
+    parser.add_argument("--model", action="append", default=[], help="FIELD=VALUE UNet field of the variant")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="train steps per program per round")
     args = parser.parse_args()
-    options = parse_options(args.option)
+    fields = parse_model_fields(args.model)
     p = presets.get(args.preset)
     bench = jax_bench.setup(p, "float32", 1)
-    variant = train.make_train_step(bench.config, bench.model, bench.mesh).lower(bench.state, bench.batch).compile(
-        compiler_options=options)
+    if args.option or not fields:
+        options = parse_options(args.option)
+    else:
+        options = xla_flags.train_step_compiler_options(jax.default_backend())
+    try:
+        model = bench.model.clone(**fields)
+    except TypeError as e:
+        raise SystemExit(f"error: --model: {e}") from None
+    variant = train.make_train_step(bench.config, model, bench.mesh).lower(bench.state, bench.batch).compile(
+        compiler_options=options or None)
     programs = {"product": bench.step, "variant": variant}
     img_s: dict[str, list[float]] = {name: [] for name in programs}
 
@@ -75,7 +98,8 @@ def main() -> None:
     medians = {name: statistics.median(v) for name, v in img_s.items()}
     print(json.dumps({
         "preset": p.name, "product_options": xla_flags.train_step_compiler_options(jax.default_backend()),
-        "variant_options": options, "median_img_s": medians, "speed_ratio": medians["product"] / medians["variant"],
+        "variant_options": options, "variant_model_fields": fields,
+        "median_img_s": medians, "speed_ratio": medians["product"] / medians["variant"],
         "ynn_reductions": {"product": ynn_reductions(bench.step), "variant": ynn_reductions(variant)},
         "img_s": img_s,
     }))

@@ -21,6 +21,7 @@ from benchmarks import (  # noqa: E402
     profile_ops,
     quality,
     run,
+    train_memory,
     train_options_ab,
 )
 from ddpm_jax import data, xla_flags  # noqa: E402
@@ -207,6 +208,29 @@ def test_train_options_ab_times_both_programs_and_shows_the_options_reached_the_
     assert train_options_ab.parse_options(["a=b", "c=d,e"]) == {"a": "b", "c": "d,e"}
     with pytest.raises(SystemExit, match="is not KEY=VALUE"):
         train_options_ab.parse_options(["novalue"])
+    assert train_options_ab.parse_model_fields(["fused_norm_conv=false", "num_groups=8"]) == {
+        "fused_norm_conv": False, "num_groups": 8}
+    with pytest.raises(SystemExit, match="is not FIELD=VALUE"):
+        train_options_ab.parse_model_fields(["fused_norm_conv"])
+
+
+def test_train_memory_reports_the_buffers_live_at_the_train_steps_peak(tmp_path):
+    out = tmp_path / "memory.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_memory.py"), "--preset=smoke", "--top=5",
+                           f"--json={out}"], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, XLA_FLAGS=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["temp_mib"] > 0 and r["state_mib"] > 0 and len(r["top"]) == 5
+    # The peak holds the state (the step's parameters), the forward's activations kept for the backward pass, and
+    # the groups add up to what is live there.
+    passes = {g["pass"] for g in r["groups"]}
+    assert {"state", "forward (kept)"} <= passes, passes
+    assert abs(sum(g["mib"] for g in r["groups"]) - r["live_mib"]) < 1e-6
+    assert [t["mib"] for t in r["top"]] == sorted((t["mib"] for t in r["top"]), reverse=True)
+    assert "smoke train step" in proc.stdout and "| MiB | pass | made by |" in proc.stdout
+    with pytest.raises(SystemExit, match="no 'Live ranges at N"):
+        train_memory.liveness_peak("HloLiveRange (max 3):\n")
 
 
 def test_flag_sweep_ratios_are_medians_against_the_defaults():
