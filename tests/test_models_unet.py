@@ -64,46 +64,39 @@ def test_output_shape_zero_init_and_time_conditioning(tiny_params):
     np.testing.assert_allclose(test, plain, rtol=1e-5, atol=1e-6)
 
 
-def test_folded_upsampling_is_the_unet_as_written(tiny_params):
-    """The UNet with its upsampling convolutions folded (the default) against the same UNet computing them at the
-    high resolution: outputs and every parameter's gradient agree within float rounding."""
-    model, params = tiny_params
-    moved = perturbed(params)  # Zero-initialised layers moved, so that every path carries signal.
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
-    t = jnp.array([10, 99])
-
-    def value_and_grad(m):
-        return jax.jit(jax.value_and_grad(lambda p: jnp.sum(m.apply({"params": p}, x, t) ** 2)))(moved)
-
-    (loss, grads), (loss_ref, grads_ref) = value_and_grad(model), value_and_grad(model.clone(fold_upsampling=False))
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
-    for path, got in jax.tree_util.tree_leaves_with_path(grads):
-        want = dict(jax.tree_util.tree_leaves_with_path(grads_ref))[path]
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))) + 1e-7,
-                                   err_msg=jax.tree_util.keystr(path))
-
-
-def test_fused_norm_conv_is_the_unet_as_flax_modules(tiny_params):
-    """The UNet whose GroupNorm -> swish -> conv pairs are one op (the default) against the same UNet built from the
-    two flax modules: with dropout on in training (the same mask), outputs and every parameter's gradient agree."""
-    model, params = tiny_params
+def _assert_same_loss_and_gradients(model, variant, params, train=False):
+    """model and variant (the same parameters) give the same loss and every parameter's gradient within rounding, on
+    moved parameters (the zero-initialised layers too, so that every path carries signal); with dropout's same key."""
     moved = perturbed(params)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
     t = jnp.array([10, 99])
 
     def value_and_grad(m):
         def loss(p):
-            y = m.apply({"params": p}, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(4)})
-            return jnp.sum(y ** 2)
+            return jnp.sum(m.apply({"params": p}, x, t, train=train, rngs={"dropout": jax.random.PRNGKey(4)}) ** 2)
         return jax.jit(jax.value_and_grad(loss))(moved)
 
-    fused = model.clone(dropout=0.3)
-    (loss, grads), (loss_ref, grads_ref) = value_and_grad(fused), value_and_grad(fused.clone(fused_norm_conv=False))
+    (loss, grads), (loss_ref, grads_ref) = value_and_grad(model), value_and_grad(variant)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for path, got in jax.tree_util.tree_leaves_with_path(grads):
         want = dict(jax.tree_util.tree_leaves_with_path(grads_ref))[path]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * float(jnp.max(jnp.abs(want))) + 1e-7,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_folded_upsampling_is_the_unet_as_written(tiny_params):
+    """The UNet with its upsampling convolutions folded (the default) against the same UNet computing them at the
+    high resolution: outputs and every parameter's gradient agree within float rounding."""
+    model, params = tiny_params
+    _assert_same_loss_and_gradients(model, model.clone(fold_upsampling=False), params)
+
+
+def test_fused_norm_conv_is_the_unet_as_flax_modules(tiny_params):
+    """The UNet whose GroupNorm -> swish -> conv pairs are one op (the default) against the same UNet built from the
+    two flax modules: with dropout on in training (the same mask), outputs and every parameter's gradient agree."""
+    model, params = tiny_params
+    fused = model.clone(dropout=0.3)
+    _assert_same_loss_and_gradients(fused, fused.clone(fused_norm_conv=False), params, train=True)
 
 
 def test_label_embedding_and_null_label(conditional_run):
