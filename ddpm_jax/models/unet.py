@@ -48,7 +48,8 @@ def _norm_swish_conv(module: nn.Module, x: jnp.ndarray, norm_name: str, conv_nam
                                      conv_name=conv_name, kernel_init=kernel_init, dtype=dtype, dropout=dropout,
                                      deterministic=deterministic)
     h = GroupNorm(num_groups, dtype=dtype, swish=True, name=norm_name, parent=module)(x)
-    h = nn.Dropout(dropout, deterministic=deterministic, parent=module)(h)
+    if dropout > 0.0:  # One dropout per block, so its key is the one flax's auto-name gave it: "Dropout_0".
+        h = nn.Dropout(dropout, deterministic=deterministic, name="Dropout_0", parent=module)(h)
     return nn.Conv(features, (3, 3), dtype=dtype, kernel_init=kernel_init, name=conv_name, parent=module)(h)
 
 
