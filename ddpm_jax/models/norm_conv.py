@@ -5,11 +5,12 @@ array) and the norm's. XLA:CPU lays the convolution's input out for its weight g
 that copy, the sigmoid and the broadcast gain of the norm's backward as soon as their operands exist, in the forward
 pass, so they stay live until the backward reaches them: four arrays of the block's size where one is needed
 (small64's train step, XLA's buffer assignment at its liveness peak). Here the residuals are the norm's input x, its
-(B, G) statistics and the parameters, and the backward pass ties them to the incoming cotangent
-(`lax.optimization_barrier`), so everything recomputed from them (the activation, its layout copy, the sigmoid) is
-scheduled in the backward pass, where it is used. The forward pass and every gradient are the same functions as
-`GroupNorm(swish=True)` followed by `flax.linen.Conv` (tests/test_models_norm_conv.py); the recomputation is one
-elementwise pass, which XLA fuses into the layout copy it makes anyway.
+(B, G) statistics and the parameters, and the backward pass makes them depend on the incoming cotangent (plus 0 times
+one of its elements; XLA:CPU drops `lax.optimization_barrier`s), so everything recomputed from them (the activation,
+its layout copy, the sigmoid) is scheduled in the backward pass, where it is used. The forward pass and every
+gradient are the same functions as `GroupNorm(swish=True)` followed by `flax.linen.Conv`
+(tests/test_models_norm_conv.py); the recomputation is one elementwise pass, which XLA fuses into the layout copy it
+makes anyway.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from jax import lax
 from ddpm_jax.models import group_norm as gn
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# The name flax gives a block's one nn.Dropout, which its key derives from; the fused op's mask uses it too.
+DROPOUT_NAME = "Dropout_0"
 
 
 def _conv(a: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -125,8 +128,7 @@ class _DropoutMask(nn.Module):
 
 def norm_swish_conv_layer(module: nn.Module, x: jax.Array, *, features: int, num_groups: int, norm_name: str,
                           conv_name: str, kernel_init: Any, dtype: Any, dropout: float = 0.0,
-                          deterministic: bool = True, dropout_name: str = "Dropout_0",
-                          param_dtype: Any = jnp.float32) -> jax.Array:
+                          deterministic: bool = True, param_dtype: Any = jnp.float32) -> jax.Array:
     """`GroupNorm(swish=True, name=norm_name)`, `nn.Dropout(dropout)`, `nn.Conv(features, (3, 3), name=conv_name)`
     applied in `module`'s compact method, as one `norm_swish_conv`: the same parameters (names, shapes, init), the
     same dropout mask, the same function."""
@@ -141,6 +143,6 @@ def norm_swish_conv_layer(module: nn.Module, x: jax.Array, *, features: int, num
         name=conv_name, parent=module)()
     keep = None
     if dropout > 0.0 and not deterministic:
-        keep = _DropoutMask(dropout, name=dropout_name, parent=module)(x.shape)
+        keep = _DropoutMask(dropout, name=DROPOUT_NAME, parent=module)(x.shape)
     return norm_swish_conv(x, scale, bias, kernel, conv_bias, num_groups, keep=keep, keep_prob=1.0 - dropout,
                            dtype=dtype or x.dtype)

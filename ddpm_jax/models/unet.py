@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from ddpm_jax.models.group_norm import GroupNorm
-from ddpm_jax.models.norm_conv import norm_swish_conv_layer
+from ddpm_jax.models.norm_conv import DROPOUT_NAME, norm_swish_conv_layer
 from ddpm_jax.models.upsample import UpsampleConv
 
 Dtype = Any
@@ -48,8 +48,8 @@ def _norm_swish_conv(module: nn.Module, x: jnp.ndarray, norm_name: str, conv_nam
                                      conv_name=conv_name, kernel_init=kernel_init, dtype=dtype, dropout=dropout,
                                      deterministic=deterministic)
     h = GroupNorm(num_groups, dtype=dtype, swish=True, name=norm_name, parent=module)(x)
-    if dropout > 0.0:  # One dropout per block, so its key is the one flax's auto-name gave it: "Dropout_0".
-        h = nn.Dropout(dropout, deterministic=deterministic, name="Dropout_0", parent=module)(h)
+    if dropout > 0.0:  # One dropout per block, named as flax's auto-name did, so its key (and mask) stays the same.
+        h = nn.Dropout(dropout, deterministic=deterministic, name=DROPOUT_NAME, parent=module)(h)
     return nn.Conv(features, (3, 3), dtype=dtype, kernel_init=kernel_init, name=conv_name, parent=module)(h)
 
 
