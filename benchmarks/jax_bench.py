@@ -41,9 +41,14 @@ def cpu_devices_for_argv(argv: list[str]) -> int:
     return xla_flags.cpu_devices_for("sample", xla_flags.host_cores(), batch)
 
 
-# What `python -m ddpm_jax.main` runs with; DDPM_JAX_XLA_DEFAULTS=0 measures without. Imported (by the tests), it only
-# adds the flags, as JAX has started already.
-xla_flags.apply_defaults(cpu_devices=cpu_devices_for_argv(sys.argv[1:]) if __name__ == "__main__" else 1)
+# What `python -m ddpm_jax.main` runs with (the devices and dispatch of --mode=sample with --sampling_only, else of
+# --mode=train); DDPM_JAX_XLA_DEFAULTS=0 measures without. Imported (by the tests), it only adds the flags.
+if __name__ == "__main__":
+    _mode = "sample" if "--sampling_only" in sys.argv[1:] else "train"
+    xla_flags.apply_defaults(cpu_devices=cpu_devices_for_argv(sys.argv[1:]),
+                             inline_dispatch=xla_flags.inline_dispatch_for(_mode))
+else:
+    xla_flags.apply_defaults()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -56,7 +61,7 @@ if os.environ.get("DDPM_JAX_BENCH_CACHE"):
 
 from benchmarks.timing import run_times  # noqa: E402
 from ddpm_jax import config as default  # noqa: E402
-from ddpm_jax import parallel, sampler, train, train_state  # noqa: E402
+from ddpm_jax import host_memory, parallel, sampler, train, train_state  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 
@@ -139,7 +144,7 @@ def setup(p: presets.Preset, dtype: str, steps_per_dispatch: int) -> Bench:
                                     train.batch_spec(config, mesh))
     compile_s = time.perf_counter() - start
     state = train_state.init_train_state(config, model, tx, mesh)
-    train.release_freed_heap()  # As --mode=train does: the init's compile leaves freed heap behind.
+    host_memory.release_freed_heap()  # As --mode=train does: the init's compile leaves freed heap behind.
     shape = (k, p.batch_size) if k > 1 else (p.batch_size,)
     images = np.random.default_rng(0).integers(0, 256, (*shape, p.image_size, p.image_size, 3), np.uint8)
     # With k > 1, a stack of k batches: the step function scans over its leading axis.
@@ -182,12 +187,12 @@ def sampling_only(p: presets.Preset, dtype: str) -> dict:
     mesh = parallel.make_mesh()
     model = unet.create_model(config)
     params = train_state.init_train_state(config, model, train_state.create_optimizer(config), mesh).ema_params
-    train.release_freed_heap()
+    host_memory.release_freed_heap()
     key = jax.random.PRNGKey(1)
     start = time.perf_counter()
     compiled = compile_sampler(config, model, mesh, params, key, p.batch_size)
     compile_s = time.perf_counter() - start
-    train.release_freed_heap()  # As sampler.precompile does.
+    host_memory.release_freed_heap()  # As sampler.precompile does.
     return {
         "framework": framework(dtype),
         "params": int(sum(x.size for x in jax.tree.leaves(params))),
@@ -229,7 +234,7 @@ def main() -> None:
         # Compiled before any step runs, as --mode=train compiles its grid sampler (sampler.precompile): the
         # compile's working memory does not come on top of a step's buffers.
         compiled = bench.compiled_sampler(key)
-        train.release_freed_heap()
+        host_memory.release_freed_heap()
     for _ in range(2):
         bench.dispatch()
     repeats = max(3, -(-p.train_repeats // k))

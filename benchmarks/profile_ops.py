@@ -133,6 +133,8 @@ def main() -> None:
     parser.add_argument("--skip_sampling", action="store_true")
     parser.add_argument("--json", default="", help="also write every row of both profiles to this file")
     args = parser.parse_args()
+    # The train step runs as --mode=train runs it (before JAX creates its CPU client).
+    xla_flags.apply_defaults(inline_dispatch=xla_flags.inline_dispatch_for("train"))
     p = presets.get(args.preset)
     steps = args.steps or max(3, p.train_repeats // 3)
     if steps < 1:

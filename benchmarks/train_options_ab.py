@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="train steps per program per round")
     args = parser.parse_args()
+    # The train step runs as --mode=train runs it (before JAX creates its CPU client).
+    xla_flags.apply_defaults(inline_dispatch=xla_flags.inline_dispatch_for("train"))
     fields = parse_model_fields(args.model)
     p = presets.get(args.preset)
     bench = jax_bench.setup(p, "float32", 1)

@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
 
     distributed = bool(FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes is not None)
     xla_flags.apply_defaults(cpu_devices=xla_flags.cpu_devices_for(
-        FLAGS.mode, xla_flags.host_cores(), FLAGS.config.training.batch_size, distributed))
+        FLAGS.mode, xla_flags.host_cores(), FLAGS.config.training.batch_size, distributed),
+        inline_dispatch=xla_flags.inline_dispatch_for(FLAGS.mode))
     import jax
 
     from ddpm_jax import fileio, parallel

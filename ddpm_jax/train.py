@@ -6,7 +6,6 @@ work is due (log, checkpoint, sample grid, FID), each a named helper, with the t
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import time
@@ -28,6 +27,7 @@ from ddpm_jax import (
     config_checks,
     data,
     fileio,
+    host_memory,
     metric_writers,
     outputs,
     parallel,
@@ -153,19 +153,6 @@ def batch_spec(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Ba
     return spec
 
 
-def release_freed_heap() -> bool:
-    """Hands the C heap's free pages back to the OS (glibc's malloc_trim); True if it ran.
-
-    XLA's compiler frees most of what it allocates, but glibc keeps those pages: after compiling tiny32's train step
-    the process held about 480 MiB it no longer used, on top of which the step's own buffers then raised the peak.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        return True
-    except (OSError, AttributeError):  # Not glibc (macOS, musl): nothing to trim this way.
-        return False
-
-
 def compile_train_step(step_fn: TrainStepFn, state: TrainState, batch: Batch) -> TrainStepFn:
     """Compiles the step ahead of its first call (for abstract or real inputs), logs the time, lines up all processes.
 
@@ -175,10 +162,13 @@ def compile_train_step(step_fn: TrainStepFn, state: TrainState, batch: Batch) ->
     start = time.perf_counter()
     # The step's own XLA options (YNNPACK reductions on CPUs) go here, not on its jax.jit: a jit with compiler
     # options cannot be traced inside another one (make_jaxpr, a user's jit), and this is where the loop compiles.
-    options = xla_flags.train_step_compiler_options(jax.default_backend())
+    platform = jax.default_backend()
+    options = xla_flags.train_step_compiler_options(platform)
     compiled = step_fn.lower(state, batch).compile(compiler_options=options or None)
     logging.info("traced and compiled the train step in %.1f s", time.perf_counter() - start)
-    release_freed_heap()
+    host_memory.release_freed_heap()
+    if platform == "cpu":  # Each call allocates its temporaries as one block: kept, no step faults its pages in again.
+        host_memory.keep_blocks_of(compiled.memory_analysis().temp_size_in_bytes)
     parallel.sync_processes("train step compiled")
     return compiled
 
@@ -199,7 +189,7 @@ def _restore_or_init(
         state, step = restored
         logging.info("resuming training from the checkpoint at step %d in %s", step, ckpt.directory)
     # Compiling the init left ~240 MiB of freed heap (tiny32) under the train step's compile, which sets the peak.
-    release_freed_heap()
+    host_memory.release_freed_heap()
     return state
 
 
@@ -358,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         labels, num = _grid_labels_and_count(config)
         sample_fn = sampler.precompile(sample_fn, state.ema_params,
                                        sampler.chunk_size(config.sampling.batch_size, num, mesh.size), labels)
-        release_freed_heap()
+        host_memory.release_freed_heap()
     writer = metric_writers.MetricWriter(os.path.join(workdir, "tensorboard"),
                                          os.path.join(workdir, metric_writers.SCALARS_FILE))
     _write_run_files(workdir, config, class_names)

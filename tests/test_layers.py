@@ -11,7 +11,7 @@ from helpers import REPO
 PACKAGE = REPO / "ddpm_jax"
 # Lowest first. A module may import its own layer or lower ones; within a layer the imports must not form a cycle.
 LAYERS = [
-    ("base", {"errors", "fileio", "parallel", "preemption", "xla_flags", "rng", "config", "pixels"}),
+    ("base", {"errors", "fileio", "host_memory", "parallel", "preemption", "xla_flags", "rng", "config", "pixels"}),
     ("library", {"config_checks", "diffusion", "models", "data", "builders"}),
     ("services", {"train_state", "checkpointing", "sampler", "evaluation", "outputs", "metric_writers"}),
     ("loop", {"train"}),

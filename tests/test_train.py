@@ -1,11 +1,11 @@
 """The train step and the loop: 8 devices equal 1, exact resume (in process and after kill -9), the loss falls,
 non-finite losses, bfloat16, several steps per call, flips, and the early errors that come before compiling."""
 
-import ctypes
 import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import fault_injection as fi
@@ -331,26 +331,46 @@ def test_a_workdir_of_another_model_is_refused_and_left_alone(copy_run, trained_
     assert sorted((p, p.stat().st_mtime_ns) for p in (copy_run / "checkpoints").rglob("*")) == before
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+# A --mode=train process on one CPU device: main's XLA defaults (one-device programs inline), then the step compiled
+# as the loop compiles it. tiny_config at 16x16 and batch 128 has 77 MiB of temporaries: more than glibc keeps by
+# itself (32 MiB) and than a worker thread's heap holds (64 MiB). Without host_memory.keep_blocks_of, or run on JAX's
+# dispatch threads, every step faulted all of them in again (about 20,000 faults against under 100).
+_STEP_FAULTS = """
+import json, resource, sys
+sys.path.insert(0, "tests")
+from ddpm_jax import xla_flags
+xla_flags.apply_defaults(inline_dispatch=xla_flags.inline_dispatch_for("train"))
+import jax, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+from helpers import tiny_config
+from ddpm_jax import parallel, train, train_state
+from ddpm_jax.models import unet
+config = tiny_config("", 16)
+config.training.batch_size = 128
+mesh, model, tx = parallel.make_mesh(), unet.create_model(config), train_state.create_optimizer(config)
+abstract = train_state.abstract_train_state(config, model, tx, mesh)
+step = train.compile_train_step(train.make_train_step(config, model, mesh), abstract, train.batch_spec(config, mesh))
+state = train_state.init_train_state(config, model, tx, mesh)
+batch = {"image": parallel.global_batch(mesh, np.zeros((128, 16, 16, 3), np.uint8))}
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    state, scalars = step(state, batch)
+    jax.block_until_ready(scalars["loss"])
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"faults": faults, "temp": step.memory_analysis().temp_size_in_bytes, "devices": jax.device_count(),
+                  "async": jax.config.values["jax_cpu_enable_async_dispatch"]}))
+"""
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and trims glibc's heap")
-def test_release_freed_heap_returns_freed_small_blocks_to_the_os():
-    # 256 MiB in 64 KiB blocks, below glibc's mmap threshold so they come from the heap, like the compiler's; freeing
-    # every other one leaves 128 MiB of free holes that free() itself cannot hand back.
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    blocks = [libc.malloc(64 * 1024) for _ in range(4096)]
-    for b in blocks:
-        ctypes.memset(b, 1, 64 * 1024)
-    for b in blocks[::2]:
-        libc.free(b)
-    held = _rss_mib()
-    assert train.release_freed_heap()
-    released = held - _rss_mib()
-    for b in blocks[1::2]:
-        libc.free(b)
-    assert released > 64, f"only {released:.0f} of 128 freed MiB went back to the OS"
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts page faults and sets glibc's malloc")
+def test_a_one_device_cpu_train_step_reuses_its_temporaries_instead_of_faulting_them_in():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0"}
+    out = subprocess.run([sys.executable, "-c", _STEP_FAULTS, os.environ["DDPM_JAX_COMPILATION_CACHE"]], env=env,
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 1 and r["async"] is False, r
+    pages = r["temp"] // 4096
+    assert r["temp"] > 64 << 20, r  # Larger than a thread's heap holds, or the test shows nothing.
+    assert max(r["faults"][2:]) < pages / 5, f"{r['faults']} page faults per step for {pages} pages of temporaries"

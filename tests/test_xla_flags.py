@@ -65,6 +65,14 @@ def test_sampling_modes_get_one_cpu_device_per_core_that_divides_the_batch():
     assert xla_flags.host_cores() >= 1
 
 
+def test_only_training_runs_its_cpu_programs_inline_unless_the_defaults_are_off(monkeypatch):
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    assert xla_flags.inline_dispatch_for("train")
+    assert not any(xla_flags.inline_dispatch_for(m) for m in ("sample", "fid", "inpaint", "edit", "eval", "prepare"))
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "0")
+    assert not xla_flags.inline_dispatch_for("train")
+
+
 def test_apply_defaults_adds_the_device_count_unless_the_user_set_one(monkeypatch):
     monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
     monkeypatch.setenv("XLA_FLAGS", "")
