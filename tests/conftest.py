@@ -57,7 +57,9 @@ def fashion_mnist_dir() -> pathlib.Path:
         if os.geteuid() != 0 or shutil.which("apt-get") is None:
             pytest.skip(f"{FASHION_MNIST} missing; install the Debian package dataset-fashion-mnist")
         result = subprocess.run(
-            ["apt-get", "install", "-y", "dataset-fashion-mnist"], capture_output=True, text=True, timeout=300
+            # Test workers may ask at once: wait for dpkg's lock instead of failing on it.
+            ["apt-get", "-o", "DPkg::Lock::Timeout=240", "install", "-y", "dataset-fashion-mnist"],
+            capture_output=True, text=True, timeout=300
         )
         if result.returncode != 0 or not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
             pytest.skip(f"apt-get install dataset-fashion-mnist failed: {result.stderr.strip()[-300:]}")

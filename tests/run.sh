@@ -10,4 +10,5 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet -r requirements-dev.txt -e .
 "$venv/bin/python" -m ruff check ddpm_jax tests configs notebooks benchmarks
-exec "$venv/bin/python" -m pytest -q --durations=15 "$@" tests
+# One worker per core (at most 4), each taking whole test files, so a file's shared fixtures are made once per worker.
+exec "$venv/bin/python" -m pytest -q -n auto --maxprocesses=4 --dist loadfile --durations=15 "$@" tests

@@ -265,10 +265,10 @@ def test_cpu_steps_are_unrolled_not_looped(conditional, conditional_run):
     model = unet.create_model(config)
     abstract = train_state.abstract_train_state(config, model, train_state.create_optimizer(config), mesh)
     programs = {}
-    for k in (1, 2):
+    for k in (1, 2):  # Compiled as the loop compiles them: the programs of the conditional runs, from the cache.
         config.training.steps_per_dispatch = k
-        programs[k] = train.make_train_step(config, model, mesh).lower(
-            abstract, train.batch_spec(config, mesh)).compile().as_text()
+        programs[k] = train.compile_train_step(train.make_train_step(config, model, mesh), abstract,
+                                               train.batch_spec(config, mesh)).as_text()
     # Unrolled: the k=2 program holds each loop and convolution of one step twice, and no loop around the steps.
     loops, convolutions = ({k: len(re.findall(pattern, p)) for k, p in programs.items()}
                            for pattern in (r" while\(", r" convolution\("))
