@@ -26,12 +26,12 @@ INT_MAX = (1 << 31) - 1
 
 
 def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc (it has malloc_trim and mallopt; musl and macOS do not), else None."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - glibc has both; musl and macOS do not.
-    except (OSError, AttributeError):
+    except OSError:
         return None
-    return libc
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
 
 
 def release_freed_heap() -> bool:
@@ -54,8 +54,8 @@ def keep_blocks_of(nbytes: int) -> bool:
     plus one MiB), and a free top of the heap is no longer handed back on free (the trim threshold, at its largest):
     what is freed stays for the next step's allocations, and only `release_freed_heap` hands pages back, at the
     points the loop chooses. The mmap threshold never goes down: a later, smaller program keeps the larger setting.
-    mallopt takes a C int, so blocks of 2 GiB and more cannot be kept (False; the tutorial UNet's train step needs
-    1.6 GiB).
+    mallopt takes a C int, so blocks of 2 GiB and more cannot be kept (False); the tutorial UNet's train step needs
+    1.6 GiB.
     """
     global _kept
     libc = _glibc()
