@@ -18,7 +18,7 @@ from helpers import REPO, assert_same_tree, conditional_config, tiny_config
 
 sys.path.insert(0, str(REPO))
 from benchmarks import train_options_ab  # noqa: E402  (counts a program's YNNPACK reductions)
-from ddpm_jax import checkpointing, data, metric_writers, parallel, train, train_state, xla_flags
+from ddpm_jax import checkpointing, data, host_memory, metric_writers, parallel, train, train_state, xla_flags
 from ddpm_jax.errors import CheckpointMismatchError, ConfigError, DataError, NonFiniteLossError
 from ddpm_jax.models import unet
 
@@ -168,7 +168,13 @@ def test_training_resumes_exactly_from_a_checkpoint(trained_run, tmp_path):
     shutil.copytree(workdir / "checkpoints" / "20", resumed / "checkpoints" / "20")
     config = config.copy_and_resolve_references()
     config.training.sample_every_steps = config.training.fid_every_steps = 0  # Neither touches the train state.
-    state = train.train_and_evaluate(config, str(resumed))
+    events = []
+    with pytest.MonkeyPatch.context() as mp:  # Every log window hands the freed heap back (keep_blocks_of keeps it).
+        log_window, trim = train._log_window, host_memory.release_freed_heap
+        mp.setattr(train, "_log_window", lambda *a: events.append("log") or log_window(*a))
+        mp.setattr(host_memory, "release_freed_heap", lambda: events.append("trim") or trim())
+        state = train.train_and_evaluate(config, str(resumed))
+    assert events[-4:] == ["log", "trim", "log", "trim"]
     assert int(state.step) == 40
     straight = fi.load_state(workdir, config)
     assert_same_tree(jax.device_get(state), jax.device_get(straight))
