@@ -1,15 +1,16 @@
 """Benchmark harness: ddpm_jax against the diffusers peer on the UNets of DESIGN.md §5, measured in one run.
 
     python benchmarks/run.py --preset {tutorial,small64,tiny32} [--json] [--peer] [--dtype bfloat16]
-                             [--steps_per_dispatch K]
+                             [--steps_per_dispatch K] [--rounds N]
 
 Each measurement runs in its own process, one after another (never two at once: the machine has few cores), so that
 peak memory is per framework: this machine's ceilings (ceiling.py), the input pipeline (pipeline_bench.py), ddpm_jax's
 train step (jax_bench.py, on the devices --mode=train uses), its sampler (jax_bench.py --sampling_only, on the devices
 --mode=sample uses: one per CPU core; ddpm_jax's peak RSS is the larger process's) and, with --peer, diffusers
 UNet2DModel + DDPMScheduler on PyTorch (peer_bench.py, run with --peer_python or $DDPM_JAX_PEER_PYTHON, a Python with
-`torch==2.13.0 diffusers`). Times are medians of repeated runs with compilation and warm-up excluded. With --json the
-last line is one JSON object.
+`torch==2.13.0 diffusers`). Times are medians of repeated runs with compilation and warm-up excluded. --rounds N
+measures both frameworks N times, alternating, and reports the medians (peak RSS: the largest) and each round's
+ratios: single runs of either framework move by 10-20% on shared VMs. With --json the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -83,6 +85,26 @@ def merge_sampling(train: dict, sampling: dict) -> dict:
     return merged
 
 
+def median_of_rounds(rounds: list[dict]) -> dict:
+    """One framework's rounds as one measurement: each number the median over the rounds, each peak RSS the largest,
+    everything else (names, shapes) from the first round."""
+    merged = dict(rounds[0])
+    for key, value in rounds[0].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        values = [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
+        merged[key] = max(values) if key.endswith("peak_rss_mib") else statistics.median(values)
+    return merged
+
+
+def round_ratios(ours: list[dict], peer: list[dict]) -> dict[str, list[float]]:
+    """Each round's speed ratios (sampling: the peer's time over ours), to show how far single runs spread."""
+    ratios = {"train": [o["train_img_s"] / p["train_img_s"] for o, p in zip(ours, peer, strict=True)]}
+    if all(o.get("sample_s_per_step") for o in ours):
+        ratios["sample"] = [p["sample_s_per_step"] / o["sample_s_per_step"] for o, p in zip(ours, peer, strict=True)]
+    return ratios
+
+
 def summarize(preset: presets.Preset, ceilings: dict, pipeline: dict | None, ours: dict, peer: dict | None,
               dtype: str) -> dict:
     """The report: our figures, achieved GFLOP/s against the measured ceiling, and the ratios to the peer."""
@@ -136,7 +158,11 @@ def print_report(r: dict) -> None:
         print(f"  peer {p['framework']}: train {p['train_img_s']:.2f} img/s ({p['gflop_s']:.1f} GFLOP/s), "
               f"sampling {p['sample_s_per_step']:.3f} s/step, peak RSS {p['peak_rss_mib']:.0f} MiB")
         sample_ratio = f", sampling {r['sample_speedup']:.2f}x" if "sample_speedup" in r else ""
-        print(f"  ddpm_jax / peer: train {r['train_speedup']:.2f}x{sample_ratio}, memory {r['memory_ratio']:.2f}x")
+        rounds = f" (medians of {r['rounds']} rounds)" if r.get("rounds", 1) > 1 else ""
+        print(f"  ddpm_jax / peer{rounds}: train {r['train_speedup']:.2f}x{sample_ratio}, "
+              f"memory {r['memory_ratio']:.2f}x")
+        for name, ratios in r.get("round_ratios", {}).items():
+            print(f"    {name} by round: {', '.join(f'{x:.2f}x' for x in ratios)}")
 
 
 def main() -> None:
@@ -150,10 +176,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="ddpm_jax compute dtype")
     parser.add_argument("--steps_per_dispatch", type=int, default=1)
     parser.add_argument("--skip_sampling", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="measure both frameworks N times, alternating")
     args = parser.parse_args()
     preset = presets.get(args.preset)
     if args.steps_per_dispatch < 1:
         raise SystemExit(f"error: --steps_per_dispatch must be >= 1, got {args.steps_per_dispatch}")
+    if args.rounds < 1:
+        raise SystemExit(f"error: --rounds must be >= 1, got {args.rounds}")
     if args.peer:
         check_peer_python(args.peer_python)
 
@@ -165,15 +194,21 @@ def main() -> None:
         print(f"skipping the input pipeline: {e}", file=sys.stderr)
         pipeline = None
     ours_args = [f"--preset={preset.name}", f"--dtype={args.dtype}", f"--steps_per_dispatch={args.steps_per_dispatch}"]
-    ours = run_child(py, "jax_bench.py", *ours_args, "--skip_sampling")
-    if not args.skip_sampling:
-        ours = merge_sampling(ours, run_child(py, "jax_bench.py", f"--preset={preset.name}", f"--dtype={args.dtype}",
-                                              "--sampling_only"))
-    peer = None
-    if args.peer:
-        peer = run_child(args.peer_python, "peer_bench.py", f"--preset={preset.name}",
-                         *(["--compile"] if args.peer_compile else []))
-    report = summarize(preset, ceilings, pipeline, ours, peer, args.dtype)
+    ours_rounds, peer_rounds = [], []
+    for _ in range(args.rounds):
+        ours = run_child(py, "jax_bench.py", *ours_args, "--skip_sampling")
+        if not args.skip_sampling:
+            ours = merge_sampling(ours, run_child(py, "jax_bench.py", f"--preset={preset.name}",
+                                                  f"--dtype={args.dtype}", "--sampling_only"))
+        ours_rounds.append(ours)
+        if args.peer:
+            peer_rounds.append(run_child(args.peer_python, "peer_bench.py", f"--preset={preset.name}",
+                                         *(["--compile"] if args.peer_compile else [])))
+    peer = median_of_rounds(peer_rounds) if peer_rounds else None
+    report = summarize(preset, ceilings, pipeline, median_of_rounds(ours_rounds), peer, args.dtype)
+    report["rounds"] = args.rounds
+    if peer_rounds and args.rounds > 1:
+        report["round_ratios"] = round_ratios(ours_rounds, peer_rounds)
     print_report(report)
     if args.json:
         print(json.dumps(report))

@@ -95,6 +95,25 @@ def test_sampling_only_run_times_the_sampler_on_one_device_per_core():
     assert r["params"] == DIFFUSERS_PARAMS["tiny32"] and "train_img_s" not in r
 
 
+def test_rounds_are_merged_into_medians_with_the_largest_peak_and_per_round_ratios():
+    ours = [{"framework": "ddpm_jax", "train_img_s": x, "sample_s_per_step": s, "peak_rss_mib": m, "sample_devices": 2,
+             "train_peak_rss_mib": m, "dtype": "float32"}
+            for x, s, m in [(70.0, 0.05, 1100.0), (60.0, 0.07, 1130.0), (80.0, 0.06, 1120.0)]]
+    peer = [{"framework": "diffusers", "train_img_s": x, "sample_s_per_step": s, "peak_rss_mib": 550.0, "threads": 2}
+            for x, s in [(70.0, 0.10), (50.0, 0.07), (64.0, 0.09)]]
+    merged = run.median_of_rounds(ours)
+    assert merged["train_img_s"] == 70.0 and merged["sample_s_per_step"] == 0.06
+    assert merged["peak_rss_mib"] == 1130.0 and merged["train_peak_rss_mib"] == 1130.0  # The largest, not the median.
+    assert merged["sample_devices"] == 2 and merged["framework"] == "ddpm_jax" and merged["dtype"] == "float32"
+    assert run.median_of_rounds(peer)["train_img_s"] == 64.0
+    ratios = run.round_ratios(ours, peer)
+    assert ratios["train"] == pytest.approx([1.0, 1.2, 1.25])
+    assert ratios["sample"] == pytest.approx([2.0, 1.0, 1.5])
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run.py"), "--preset=tiny32", "--rounds=0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--rounds must be >= 1, got 0" in proc.stderr
+
+
 def test_peer_without_torch_fails_before_measuring_anything(tmp_path):
     fake_python = tmp_path / "python"
     fake_python.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named torch' >&2\nexit 1\n")
