@@ -93,7 +93,10 @@ def median_of_rounds(rounds: list[dict]) -> dict:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         values = [r[key] for r in rounds if isinstance(r.get(key), (int, float))]
-        merged[key] = max(values) if key.endswith("peak_rss_mib") else statistics.median(values)
+        if key.endswith("peak_rss_mib"):
+            merged[key] = max(values)
+        elif len(set(values)) > 1:  # Counts that every round shares (devices, params) stay as they are.
+            merged[key] = statistics.median(values)
     return merged
 
 

@@ -106,6 +106,8 @@ def test_rounds_are_merged_into_medians_with_the_largest_peak_and_per_round_rati
     assert merged["peak_rss_mib"] == 1130.0 and merged["train_peak_rss_mib"] == 1130.0  # The largest, not the median.
     assert merged["sample_devices"] == 2 and merged["framework"] == "ddpm_jax" and merged["dtype"] == "float32"
     assert run.median_of_rounds(peer)["train_img_s"] == 64.0
+    two = run.median_of_rounds(ours[:2])
+    assert two["train_img_s"] == 65.0 and two["sample_devices"] == 2 and isinstance(two["sample_devices"], int)
     ratios = run.round_ratios(ours, peer)
     assert ratios["train"] == pytest.approx([1.0, 1.2, 1.25])
     assert ratios["sample"] == pytest.approx([2.0, 1.0, 1.5])
