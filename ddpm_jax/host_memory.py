@@ -23,6 +23,7 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MiB = 1 << 20
 INT_MAX = (1 << 31) - 1
+_kept = 0  # The largest mmap threshold set so far (glibc has no call that reads it back).
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -67,6 +68,3 @@ def keep_blocks_of(nbytes: int) -> bool:
             return False
         _kept = threshold
     return True
-
-
-_kept = 0  # The largest mmap threshold set so far (glibc has no call that reads it back).
