@@ -41,14 +41,22 @@ def cpu_devices_for_argv(argv: list[str]) -> int:
     return xla_flags.cpu_devices_for("sample", xla_flags.host_cores(), batch)
 
 
+def legacy_loop_fusion_for_argv(argv: list[str]) -> bool:
+    """Whether `python -m ddpm_jax.main` would compile the --preset's loop fusions with XLA:CPU's LLVM IR emitter
+    (without a preset, as for the tests' tiny UNets: yes)."""
+    size = presets.loop_fusion_size(presets.from_argv(argv))
+    return True if size is None else xla_flags.legacy_loop_fusion_for(*size)
+
+
 # What `python -m ddpm_jax.main` runs with (the devices and dispatch of --mode=sample with --sampling_only, else of
 # --mode=train); DDPM_JAX_XLA_DEFAULTS=0 measures without. Imported (by the tests), it only adds the flags.
 if __name__ == "__main__":
     _mode = "sample" if "--sampling_only" in sys.argv[1:] else "train"
     xla_flags.apply_defaults(cpu_devices=cpu_devices_for_argv(sys.argv[1:]),
-                             inline_dispatch=xla_flags.inline_dispatch_for(_mode))
+                             inline_dispatch=xla_flags.inline_dispatch_for(_mode),
+                             legacy_loop_fusion=legacy_loop_fusion_for_argv(sys.argv[1:]))
 else:
-    xla_flags.apply_defaults()
+    xla_flags.apply_defaults(legacy_loop_fusion=legacy_loop_fusion_for_argv(sys.argv[1:]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -6,6 +6,7 @@ description of the model they build.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 
@@ -83,3 +84,16 @@ def config_overrides(p: Preset) -> dict[str, object]:
         "training.batch_size": p.batch_size,
         "sampling.batch_size": p.batch_size,
     }
+
+
+def from_argv(argv: list[str]) -> Preset | None:
+    """The preset a script's `--preset NAME` argument names, or None without one (read before JAX starts)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=sorted(PRESETS))
+    known, _ = pre.parse_known_args(argv)
+    return None if known.preset is None else PRESETS[known.preset]
+
+
+def loop_fusion_size(p: Preset | None) -> tuple[int, int] | None:
+    """(image size, full-resolution channels) of a preset's UNet, as xla_flags.legacy_loop_fusion_for takes them."""
+    return None if p is None else (p.image_size, p.channels[0])

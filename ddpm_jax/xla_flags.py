@@ -11,6 +11,16 @@ compile option of that one program: training 0.99-1.05x as fast as without on ti
 and Intel AVX-512 VMs, A/B in one process, benchmarks/train_options_ab.py), while the sampler's forward pass was
 0.93x as fast with it, so the process-wide flag stays "dot".
 
+For UNets up to small64's activations (64 x 64 pixels x 64 channels per image at full resolution), loop fusions (the
+elementwise kernels between convolutions, and the optimizer's update) are compiled by XLA:CPU's LLVM IR emitter
+instead of its newer MLIR fusion emitters (backend option xla_cpu_disable_new_fusion_emitters). The MLIR emitters
+hold an MLIR context and pass pipeline for every fusion waiting to be compiled, about 400 MiB for tiny32's train
+step: with the LLVM IR emitter the benchmark's peak RSS fell from 1,156 to 716 MiB on tiny32 and from 1,659 to 1,505
+on small64, training 0.99x and 1.13x and sampling 1.01x and 1.06x as fast, for 16-31% longer compiles (Zen 4 VM,
+benchmarks/flag_sweep.py). On tutorial (128 x 128 x 128) it trained 0.84x and sampled 0.72x as fast, so larger
+UNets keep the MLIR emitters. A user's own xla_backend_extra_options keep their entries and gain this one unless
+they set its key.
+
 The modes that only sample (sample, fid, inpaint, edit) also split the host CPU into one JAX device per core, up to
 8: the batch is then data-parallel over the cores, which sampled 1.07-1.33x faster on 2-core VMs than one device
 using both cores. Training keeps one device: there it was as fast or slower and peaked higher (README "Performance").
@@ -31,7 +41,15 @@ from importlib.metadata import version
 import jax
 
 YNN_FUSION_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+# A comma-separated list of backend options (key or key=value), merged key by key with a user's own list.
+BACKEND_OPTIONS_FLAG = "xla_backend_extra_options"
+# XLA:CPU's LLVM IR emitter for loop fusions instead of its MLIR fusion emitters (see the module docstring).
+LEGACY_LOOP_FUSION_OPTION = "xla_cpu_disable_new_fusion_emitters"
 CPU_DEFAULTS = {YNN_FUSION_FLAG: "dot"}
+LEGACY_LOOP_FUSION_DEFAULTS = {BACKEND_OPTIONS_FLAG: LEGACY_LOOP_FUSION_OPTION}
+# Largest full-resolution activation per image (pixels x channels) it is used for: small64's, the largest model it
+# was measured as fast or faster on; tutorial's (128 x 128 x 128) trained 0.84x and sampled 0.72x as fast with it.
+LEGACY_LOOP_FUSION_MAX_ACTIVATION = 64 * 64 * 64
 # Compile options take the enum's names, not XLA_FLAGS' short ones.
 TRAIN_STEP_CPU_OPTIONS = {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # Releases the defaults were measured on: an XLA that does not know a flag aborts the process.
@@ -70,11 +88,32 @@ def flag_values(xla_flags: str) -> dict[str, str]:
     return dict(f.lstrip("-").partition("=")[::2] for f in xla_flags.split())
 
 
+def legacy_loop_fusion_for(image_size: int, channels: int) -> bool:
+    """Whether a UNet at image_size with `channels` at full resolution compiles its loop fusions with the LLVM IR
+    emitter (see the module docstring): for activations up to LEGACY_LOOP_FUSION_MAX_ACTIVATION per image."""
+    return image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION
+
+
+def merged_options(users: str, defaults: str) -> str:
+    """A backend options list ("key,key=value") with each default entry appended unless the user's sets its key."""
+    entries = [e for e in users.split(",") if e]
+    keys = {e.partition("=")[0] for e in entries}
+    return ",".join(entries + [e for e in defaults.split(",") if e and e.partition("=")[0] not in keys])
+
+
 def merged(xla_flags: str, defaults: dict[str, str]) -> str:
-    """XLA_FLAGS with each default flag appended unless the string already sets that flag."""
+    """XLA_FLAGS with each default flag appended unless the string already sets that flag.
+
+    The backend options flag is a list: the user's own list gets the default entries whose keys it does not set.
+    """
     present = flag_values(xla_flags)
+    tokens = xla_flags.split()
+    if BACKEND_OPTIONS_FLAG in present and BACKEND_OPTIONS_FLAG in defaults:
+        combined = merged_options(present[BACKEND_OPTIONS_FLAG], defaults[BACKEND_OPTIONS_FLAG])
+        tokens = [f"--{BACKEND_OPTIONS_FLAG}={combined}" if t.lstrip("-").partition("=")[0] == BACKEND_OPTIONS_FLAG
+                  else t for t in tokens]
     extra = [f"--{name}={value}" for name, value in defaults.items() if name not in present]
-    return " ".join([xla_flags.strip(), *extra]).strip()
+    return " ".join([*tokens, *extra])
 
 
 def jaxlib_version() -> tuple[int, ...] | None:
@@ -114,12 +153,13 @@ def inline_dispatch_for(mode: str) -> bool:
     return mode in INLINE_DISPATCH_MODES and defaults_wanted()
 
 
-def apply_defaults(cpu_devices: int = 1, inline_dispatch: bool = False) -> str:
+def apply_defaults(cpu_devices: int = 1, inline_dispatch: bool = False, legacy_loop_fusion: bool = True) -> str:
     """Adds the default flags to os.environ["XLA_FLAGS"] (call before JAX first touches a device); returns it.
 
     cpu_devices > 1 also asks for that many host CPU devices (see cpu_devices_for), unless XLA_FLAGS sets a count.
-    inline_dispatch runs one-device CPU programs on the calling thread (see inline_dispatch_for). Both are read when
-    JAX creates its CPU client (importing JAX does not), so afterwards they change nothing.
+    inline_dispatch runs one-device CPU programs on the calling thread (see inline_dispatch_for). legacy_loop_fusion
+    compiles loop fusions with the LLVM IR emitter (see legacy_loop_fusion_for). All are read when JAX creates its
+    CPU client (importing JAX does not), so afterwards they change nothing.
     """
     if not defaults_wanted():
         return os.environ.get("XLA_FLAGS", "")
@@ -128,6 +168,8 @@ def apply_defaults(cpu_devices: int = 1, inline_dispatch: bool = False) -> str:
     defaults: dict[str, str] = {}
     if jaxlib_tested():
         defaults.update(CPU_DEFAULTS)
+        if legacy_loop_fusion:
+            defaults.update(LEGACY_LOOP_FUSION_DEFAULTS)
     if cpu_devices > 1:  # A flag every jaxlib knows, so not tied to the tested releases.
         defaults[DEVICE_COUNT_FLAG] = str(cpu_devices)
     if defaults:

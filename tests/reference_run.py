@@ -1,9 +1,11 @@
 """A fixed 30-step run through `python -m ddpm_jax.main`, recorded before the house refactor (issue 12) and again
 after the GroupNorm rewrite, after the folded upsampling convolution, after the train step's YNNPACK reductions and
-after the GroupNorm -> swish -> conv op (issue 14), which changed the summation order of the statistics, convolutions
-and gradients; each new recording first matched the one before within the tolerance of tests/test_main.py (the
-folded convolution's: identical samples, every leaf's mean and norm within 0.5% of it; the fused op's: identical
-samples, within 0.23% of it; the last two were recorded on a Zen 4 VM, the ones before on an AVX2 one).
+after the GroupNorm -> swish -> conv op and after loop fusions moved to XLA:CPU's LLVM IR emitter (issue 14), which
+changed the summation order of the statistics, convolutions and gradients or the code of elementwise kernels; each
+new recording first matched the one before within the tolerance of tests/test_main.py (the folded convolution's:
+identical samples, every leaf's mean and norm within 0.5% of it; the fused op's: identical samples, within 0.23% of
+it; the LLVM IR emitter's: identical samples, within 0.33% of it; the last three were recorded on a Zen 4 VM, the
+ones before on an AVX2 one).
 
 The same commands must give bitwise-identical arrays after any change that claims to keep behaviour and numerics:
 the final checkpoint (params, EMA, Adam moments, step), the sample grid written during training and 8 DDIM samples

@@ -81,6 +81,14 @@ def test_sampling_is_measured_on_the_devices_of_the_sample_mode(monkeypatch):
     assert run.merge_sampling({**train, "peak_rss_mib": 500.0}, sampling)["peak_rss_mib"] == 700.0
 
 
+def test_benchmarks_compile_loop_fusions_as_main_would_for_the_preset():
+    assert jax_bench.legacy_loop_fusion_for_argv(["--preset=tiny32", "--sampling_only"])
+    assert jax_bench.legacy_loop_fusion_for_argv(["--preset", "small64"])
+    assert not jax_bench.legacy_loop_fusion_for_argv(["--preset=tutorial", "--skip_sampling"])
+    assert jax_bench.legacy_loop_fusion_for_argv(["-q", "tests"])  # No preset (pytest's argv): the tiny UNets' way.
+    assert presets.from_argv(["--rounds", "2", "--preset=small64"]) is presets.get("small64")
+
+
 def test_sampling_only_run_times_the_sampler_on_one_device_per_core():
     # No device count in XLA_FLAGS: the benchmark picks it as --mode=sample does.
     env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0",

@@ -22,6 +22,19 @@ def test_merged_appends_missing_flags_and_keeps_the_users():
     assert xla_flags.merged(once, defaults) == once  # Applying twice adds nothing.
 
 
+def test_backend_options_are_merged_key_by_key_with_the_users():
+    flag = xla_flags.BACKEND_OPTIONS_FLAG
+    defaults = {flag: "xla_cpu_a,xla_cpu_b=2"}
+    assert xla_flags.merged("", defaults) == f"--{flag}=xla_cpu_a,xla_cpu_b=2"
+    # The user's own list keeps its entries and values and gains the default keys it lacks.
+    assert xla_flags.merged(f"--xla_force_host_platform_device_count=8 --{flag}=xla_cpu_b=5,-fp-contract=off",
+                            defaults) == (
+        f"--xla_force_host_platform_device_count=8 --{flag}=xla_cpu_b=5,-fp-contract=off,xla_cpu_a")
+    once = xla_flags.merged(f"--{flag}=xla_cpu_c", defaults)
+    assert once == f"--{flag}=xla_cpu_c,xla_cpu_a,xla_cpu_b=2" and xla_flags.merged(once, defaults) == once
+    assert xla_flags.merged_options("xla_cpu_a=0", "xla_cpu_a,xla_cpu_d") == "xla_cpu_a=0,xla_cpu_d"
+
+
 def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "0")
@@ -32,6 +45,31 @@ def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
     monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: xla_flags.TESTED_JAXLIB[0])
     flags = xla_flags.apply_defaults()
     assert all(f"--{name}=" in flags for name in xla_flags.CPU_DEFAULTS)
+
+
+def test_loop_fusions_use_the_llvm_ir_emitter_for_unets_up_to_small64s_activations(monkeypatch):
+    from benchmarks import presets
+
+    def size(name):
+        return presets.loop_fusion_size(presets.get(name))
+
+    assert xla_flags.legacy_loop_fusion_for(*size("tiny32")) and xla_flags.legacy_loop_fusion_for(*size("small64"))
+    assert not xla_flags.legacy_loop_fusion_for(*size("tutorial"))  # Measured 0.84x training, 0.72x sampling.
+    assert xla_flags.legacy_loop_fusion_for(16, 64) and not xla_flags.legacy_loop_fusion_for(64, 128)
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: xla_flags.TESTED_JAXLIB[0])
+    option = f"--{xla_flags.BACKEND_OPTIONS_FLAG}={xla_flags.LEGACY_LOOP_FUSION_OPTION}"
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert option in xla_flags.apply_defaults().split()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_flags.BACKEND_OPTIONS_FLAG not in xla_flags.apply_defaults(legacy_loop_fusion=False)
+    monkeypatch.setenv("XLA_FLAGS", f"--{xla_flags.BACKEND_OPTIONS_FLAG}=xla_cpu_optimize_for_size")
+    assert xla_flags.apply_defaults().split() == [
+        f"--{xla_flags.BACKEND_OPTIONS_FLAG}=xla_cpu_optimize_for_size,{xla_flags.LEGACY_LOOP_FUSION_OPTION}",
+        f"--{xla_flags.YNN_FUSION_FLAG}=dot"]
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))  # Untested jaxlib: no backend options.
+    assert xla_flags.apply_defaults() == ""
 
 
 def test_train_step_options_follow_the_defaults_and_yield_to_the_user(monkeypatch):
@@ -108,7 +146,10 @@ options = xla_flags.train_step_compiler_options("cpu")
 grads = jax.jit(jax.grad(lambda q: jnp.mean((model.apply(q, x, t) - x) ** 2)), compiler_options=options)(params)
 np.savez({path!r}, out=np.asarray(out), **{{"/".join(str(k.key) for k in path): np.asarray(g)
          for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]}})
-print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", ""), "options": options}}))
+# XLA:CPU's MLIR fusion emitters wrap a lone reduce-window (a cumulative sum) in a fusion; its LLVM IR emitter does not.
+cumsum = jax.jit(lambda v: jnp.cumsum(v, axis=0)).lower(jnp.ones((64, 64))).compile().as_text()
+print(json.dumps({{"xla_flags": __import__("os").environ.get("XLA_FLAGS", ""), "options": options,
+                  "mlir_loop_fusion": "wrapped_reduce-window" in cumsum}}))
 """
 
 
@@ -120,16 +161,18 @@ def _run(tmp_path, name, defaults_on):
                           cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return report["xla_flags"], report["options"], np.load(path)
+    return report, np.load(path)
 
 
 @pytest.mark.skipif(not xla_flags.jaxlib_tested(),
                     reason="the default flags are only applied on the jaxlib releases they were measured on")
 def test_the_unet_and_its_gradients_match_the_plain_xla_path(tmp_path):
-    flags_on, options_on, fast = _run(tmp_path, "fast", True)
-    flags_off, options_off, plain = _run(tmp_path, "plain", False)
-    assert "ynn_fusion_type" in flags_on and "ynn_fusion_type" not in flags_off
-    assert options_on == xla_flags.TRAIN_STEP_CPU_OPTIONS and options_off == {}
+    on, fast = _run(tmp_path, "fast", True)
+    off, plain = _run(tmp_path, "plain", False)
+    assert "ynn_fusion_type" in on["xla_flags"] and "ynn_fusion_type" not in off["xla_flags"]
+    assert on["options"] == xla_flags.TRAIN_STEP_CPU_OPTIONS and off["options"] == {}
+    # The backend option reached the compiler: loop fusions came from the LLVM IR emitter only with the defaults.
+    assert not on["mlir_loop_fusion"] and off["mlir_loop_fusion"]
     assert set(fast.files) == set(plain.files) and len(fast.files) > 20
     largest = max(np.abs(plain[name]).max() for name in plain.files if name != "out")
     for name in plain.files:
