@@ -19,7 +19,7 @@ step: with the LLVM IR emitter the benchmark's peak RSS fell from 1,156 to 716 M
 on small64, training 0.99x and 1.13x and sampling 1.01x and 1.06x as fast, for 16-31% longer compiles (Zen 4 VM,
 benchmarks/flag_sweep.py). On tutorial (128 x 128 x 128) it trained 0.84x and sampled 0.72x as fast, so larger
 UNets keep the MLIR emitters. A user's own xla_backend_extra_options keep their entries and gain this one unless
-they set its key.
+they set its key; XLA only checks that the key is present, so DDPM_JAX_LLVM_LOOP_FUSION=0 (or 1) overrides the choice.
 
 The modes that only sample (sample, fid, inpaint, edit) also split the host CPU into one JAX device per core, up to
 8: the batch is then data-parallel over the cores, which sampled 1.07-1.33x faster on 2-core VMs than one device
@@ -50,6 +50,7 @@ LEGACY_LOOP_FUSION_DEFAULTS = {BACKEND_OPTIONS_FLAG: LEGACY_LOOP_FUSION_OPTION}
 # Largest full-resolution activation per image (pixels x channels) it is used for: small64's, the largest model it
 # was measured as fast or faster on; tutorial's (128 x 128 x 128) trained 0.84x and sampled 0.72x as fast with it.
 LEGACY_LOOP_FUSION_MAX_ACTIVATION = 64 * 64 * 64
+LOOP_FUSION_ENV = "DDPM_JAX_LLVM_LOOP_FUSION"  # 1 or 0 overrides the choice by size (the option is set or not).
 # Compile options take the enum's names, not XLA_FLAGS' short ones.
 TRAIN_STEP_CPU_OPTIONS = {YNN_FUSION_FLAG: "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 # Releases the defaults were measured on: an XLA that does not know a flag aborts the process.
@@ -88,10 +89,22 @@ def flag_values(xla_flags: str) -> dict[str, str]:
     return dict(f.lstrip("-").partition("=")[::2] for f in xla_flags.split())
 
 
+def forced_loop_fusion_emitter() -> bool | None:
+    """DDPM_JAX_LLVM_LOOP_FUSION: 1 forces the LLVM IR emitter for loop fusions, 0 XLA's default; unset: by size."""
+    value = os.environ.get(LOOP_FUSION_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
 def legacy_loop_fusion_for(image_size: int, channels: int) -> bool:
     """Whether a UNet at image_size with `channels` at full resolution compiles its loop fusions with the LLVM IR
-    emitter (see the module docstring): for activations up to LEGACY_LOOP_FUSION_MAX_ACTIVATION per image."""
-    return image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION
+    emitter (see the module docstring): for activations up to LEGACY_LOOP_FUSION_MAX_ACTIVATION per image, unless
+    DDPM_JAX_LLVM_LOOP_FUSION says otherwise."""
+    forced = forced_loop_fusion_emitter()
+    return image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION if forced is None else forced
 
 
 def merged_options(users: str, defaults: str) -> str:
@@ -168,7 +181,8 @@ def apply_defaults(cpu_devices: int = 1, inline_dispatch: bool = False, legacy_l
     defaults: dict[str, str] = {}
     if jaxlib_tested():
         defaults.update(CPU_DEFAULTS)
-        if legacy_loop_fusion:
+        forced = forced_loop_fusion_emitter()
+        if legacy_loop_fusion if forced is None else forced:
             defaults.update(LEGACY_LOOP_FUSION_DEFAULTS)
     if cpu_devices > 1:  # A flag every jaxlib knows, so not tied to the tested releases.
         defaults[DEVICE_COUNT_FLAG] = str(cpu_devices)

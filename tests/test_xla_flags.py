@@ -50,6 +50,8 @@ def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
 def test_loop_fusions_use_the_llvm_ir_emitter_for_unets_up_to_small64s_activations(monkeypatch):
     from benchmarks import presets
 
+    monkeypatch.delenv(xla_flags.LOOP_FUSION_ENV, raising=False)
+
     def size(name):
         return presets.loop_fusion_size(presets.get(name))
 
@@ -67,6 +69,15 @@ def test_loop_fusions_use_the_llvm_ir_emitter_for_unets_up_to_small64s_activatio
     assert xla_flags.apply_defaults().split() == [
         f"--{xla_flags.BACKEND_OPTIONS_FLAG}=xla_cpu_optimize_for_size,{xla_flags.LEGACY_LOOP_FUSION_OPTION}",
         f"--{xla_flags.YNN_FUSION_FLAG}=dot"]
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv(xla_flags.LOOP_FUSION_ENV, "0")  # The user's override, either way, wins over the size.
+    assert xla_flags.BACKEND_OPTIONS_FLAG not in xla_flags.apply_defaults()
+    assert not xla_flags.legacy_loop_fusion_for(*size("tiny32"))
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setenv(xla_flags.LOOP_FUSION_ENV, "1")
+    assert option in xla_flags.apply_defaults(legacy_loop_fusion=False).split()
+    assert xla_flags.legacy_loop_fusion_for(*size("tutorial"))
+    monkeypatch.delenv(xla_flags.LOOP_FUSION_ENV)
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))  # Untested jaxlib: no backend options.
     assert xla_flags.apply_defaults() == ""
