@@ -88,7 +88,7 @@ def config_overrides(p: Preset) -> dict[str, object]:
 
 def from_argv(argv: list[str]) -> Preset | None:
     """The preset a script's `--preset NAME` argument names, or None without one (read before JAX starts)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # Another script's --p... is not --preset.
     pre.add_argument("--preset", choices=sorted(PRESETS))
     known, _ = pre.parse_known_args(argv)
     return None if known.preset is None else PRESETS[known.preset]
