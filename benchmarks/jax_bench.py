@@ -44,8 +44,8 @@ def cpu_devices_for_argv(argv: list[str]) -> int:
 def legacy_loop_fusion_for_argv(argv: list[str]) -> bool:
     """Whether `python -m ddpm_jax.main` would compile the --preset's loop fusions with XLA:CPU's LLVM IR emitter
     (without a preset, as for the tests' tiny UNets: yes)."""
-    size = presets.loop_fusion_size(presets.from_argv(argv))
-    return True if size is None else xla_flags.legacy_loop_fusion_for(*size)
+    p = presets.from_argv(argv)
+    return p is None or xla_flags.legacy_loop_fusion_for(p.image_size, p.channels[0])
 
 
 # What `python -m ddpm_jax.main` runs with (the devices and dispatch of --mode=sample with --sampling_only, else of

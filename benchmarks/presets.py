@@ -92,8 +92,3 @@ def from_argv(argv: list[str]) -> Preset | None:
     pre.add_argument("--preset", choices=sorted(PRESETS))
     known, _ = pre.parse_known_args(argv)
     return None if known.preset is None else PRESETS[known.preset]
-
-
-def loop_fusion_size(p: Preset | None) -> tuple[int, int] | None:
-    """(image size, full-resolution channels) of a preset's UNet, as xla_flags.legacy_loop_fusion_for takes them."""
-    return None if p is None else (p.image_size, p.channels[0])

@@ -32,15 +32,13 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks import presets  # noqa: E402  (imports no JAX)
-from ddpm_jax import xla_flags  # noqa: E402
-
-_size = presets.loop_fusion_size(presets.from_argv(sys.argv[1:]))
-xla_flags.apply_defaults(legacy_loop_fusion=_size is None or xla_flags.legacy_loop_fusion_for(*_size))
+# Imported first: it adds the product's XLA flags for the --preset in argv before JAX starts.
+from benchmarks import jax_bench  # noqa: E402  # isort: skip
 
 import jax  # noqa: E402
 
-from benchmarks import jax_bench, op_profile, run  # noqa: E402
+from benchmarks import op_profile, presets, run  # noqa: E402
+from ddpm_jax import xla_flags  # noqa: E402
 
 
 def trace_op_times(fn, calls: int, module: str) -> tuple[dict[str, float], int]:

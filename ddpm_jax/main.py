@@ -13,9 +13,7 @@ import logging as py_logging
 import os
 import re
 import sys
-from types import ModuleType
 
-import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -100,15 +98,6 @@ def parse_flags(argv: list[str]) -> list[str]:
     return rest
 
 
-def _legacy_loop_fusion(config: ml_collections.ConfigDict, xla_flags: ModuleType) -> bool:
-    """xla_flags.legacy_loop_fusion_for the config's UNet; True for values config_checks will reject next anyway."""
-    try:
-        channels = int(config.model.ch) * int(tuple(config.model.ch_mult)[0])
-        return xla_flags.legacy_loop_fusion_for(int(config.data.image_size), channels)
-    except (TypeError, ValueError, IndexError):
-        return True
-
-
 def main(argv: list[str]) -> None:
     """Runs the selected mode; known user errors become one line on stderr and exit code 2."""
     if len(argv) > 1:
@@ -121,7 +110,7 @@ def main(argv: list[str]) -> None:
     xla_flags.apply_defaults(cpu_devices=xla_flags.cpu_devices_for(
         FLAGS.mode, xla_flags.host_cores(), FLAGS.config.training.batch_size, distributed),
         inline_dispatch=xla_flags.inline_dispatch_for(FLAGS.mode),
-        legacy_loop_fusion=_legacy_loop_fusion(FLAGS.config, xla_flags))
+        legacy_loop_fusion=xla_flags.legacy_loop_fusion_for_config(FLAGS.config))
     import jax
 
     from ddpm_jax import fileio, parallel

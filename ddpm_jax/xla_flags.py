@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import version
+from typing import Any
 
 import jax
 
@@ -105,6 +106,16 @@ def legacy_loop_fusion_for(image_size: int, channels: int) -> bool:
     DDPM_JAX_LLVM_LOOP_FUSION says otherwise."""
     forced = forced_loop_fusion_emitter()
     return image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION if forced is None else forced
+
+
+def legacy_loop_fusion_for_config(config: Any) -> bool:
+    """legacy_loop_fusion_for a ddpm_jax config's UNet (read before JAX starts, so before config_checks); True for
+    values config_checks rejects next with its own message."""
+    try:
+        channels = int(config.model.ch) * int(tuple(config.model.ch_mult)[0])
+        return legacy_loop_fusion_for(int(config.data.image_size), channels)
+    except (TypeError, ValueError, IndexError):
+        return True
 
 
 def merged_options(users: str, defaults: str) -> str:

@@ -66,17 +66,3 @@ def test_help_lists_the_modes(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr  # absl's usage exit.
     for mode in ("train", "sample", "eval", "fid", "inpaint", "edit"):
         assert f"{mode}:" in result.stdout
-
-
-def test_loop_fusion_emitter_is_chosen_from_the_configs_unet():
-    from ddpm_jax import config as default_config
-    from ddpm_jax import main, xla_flags
-    from ddpm_jax.config import load_config_file
-
-    butterflies = load_config_file(str(REPO / "configs" / "butterflies.py"))  # 128 x 128 x 128: the MLIR emitters.
-    assert not main._legacy_loop_fusion(butterflies, xla_flags)
-    tiny = default_config.get_config()
-    tiny.data.image_size, tiny.model.ch, tiny.model.ch_mult = 16, 32, (1, 2)
-    assert main._legacy_loop_fusion(tiny, xla_flags)
-    tiny.model.ch_mult = ()  # Invalid: config_checks rejects it with its own message once the mode starts.
-    assert main._legacy_loop_fusion(tiny, xla_flags)

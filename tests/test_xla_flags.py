@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from helpers import REPO
 
+from benchmarks import presets
+from ddpm_jax import config as default_config
 from ddpm_jax import xla_flags
+from ddpm_jax.config import load_config_file
 
 
 def test_merged_appends_missing_flags_and_keeps_the_users():
@@ -48,12 +51,11 @@ def test_apply_defaults_respects_the_opt_out_and_untested_jaxlib(monkeypatch):
 
 
 def test_loop_fusions_use_the_llvm_ir_emitter_for_unets_up_to_small64s_activations(monkeypatch):
-    from benchmarks import presets
-
     monkeypatch.delenv(xla_flags.LOOP_FUSION_ENV, raising=False)
 
     def size(name):
-        return presets.loop_fusion_size(presets.get(name))
+        p = presets.get(name)
+        return p.image_size, p.channels[0]  # The full-resolution activation, as jax_bench passes it.
 
     assert xla_flags.legacy_loop_fusion_for(*size("tiny32")) and xla_flags.legacy_loop_fusion_for(*size("small64"))
     assert not xla_flags.legacy_loop_fusion_for(*size("tutorial"))  # Measured 0.84x training, 0.72x sampling.
@@ -81,6 +83,16 @@ def test_loop_fusions_use_the_llvm_ir_emitter_for_unets_up_to_small64s_activatio
     monkeypatch.setenv("XLA_FLAGS", "")
     monkeypatch.setattr(xla_flags, "jaxlib_version", lambda: (0, 9, 0))  # Untested jaxlib: no backend options.
     assert xla_flags.apply_defaults() == ""
+
+
+def test_loop_fusion_emitter_is_chosen_from_the_configs_unet():
+    butterflies = load_config_file(str(REPO / "configs" / "butterflies.py"))  # 128 x 128 x 128: the MLIR emitters.
+    assert not xla_flags.legacy_loop_fusion_for_config(butterflies)
+    tiny = default_config.get_config()
+    tiny.data.image_size, tiny.model.ch, tiny.model.ch_mult = 16, 32, (1, 2)
+    assert xla_flags.legacy_loop_fusion_for_config(tiny)
+    tiny.model.ch_mult = ()  # Invalid: config_checks rejects it with its own message once the mode starts.
+    assert xla_flags.legacy_loop_fusion_for_config(tiny)
 
 
 def test_train_step_options_follow_the_defaults_and_yield_to_the_user(monkeypatch):
