@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddpm_jax import parallel, rng
+from ddpm_jax import parallel, rng, xla_flags
 
 
 @flax.struct.dataclass
@@ -98,8 +98,10 @@ def init_train_state(
     config: ml_collections.ConfigDict, model: nn.Module, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh
 ) -> TrainState:
     """Initialises parameters, EMA and optimizer state from config.seed, replicated over the mesh."""
-    init = _init_fn(config, model, tx)
-    return jax.jit(init, out_shardings=parallel.replicated(mesh))(rng.init_key(config.seed))
+    init = jax.jit(_init_fn(config, model, tx), out_shardings=parallel.replicated(mesh))
+    key = rng.init_key(config.seed)
+    options = xla_flags.state_init_compiler_options(jax.default_backend())
+    return init.lower(key).compile(compiler_options=options or None)(key)
 
 
 def abstract_train_state(

@@ -36,7 +36,7 @@ def _setup(config):
 
 def _random_state(abstract):
     """A train state with the layout of `abstract`, every leaf distinct random values (init would leave mu, nu and
-    count at zero); built with device_put rather than init_train_state, whose compilation alone takes 15-30 s here."""
+    count at zero); built with device_put rather than init_train_state, which compiles a program of its own."""
     rng = np.random.default_rng(0)
 
     def fill(a):

@@ -7,7 +7,7 @@ import optax
 import pytest
 from helpers import tiny_config
 
-from ddpm_jax import parallel, train_state
+from ddpm_jax import parallel, rng, train_state, xla_flags
 from ddpm_jax.models import unet
 from ddpm_jax.train_state import TrainState
 
@@ -94,3 +94,27 @@ def test_abstract_state_is_a_replicated_train_state_of_the_model():
     params_bytes = sum(x.size * 4 for x in jax.tree.leaves(abstract.params))
     # step, params, EMA, mu, nu, and the two step counts of Adam and of its learning-rate schedule.
     assert train_state.state_bytes(abstract) == 4 + 4 * params_bytes + 4 + 4
+
+
+def test_the_init_compiled_for_compile_time_gives_bitwise_the_state_of_the_plain_compile(monkeypatch, tmp_path):
+    config = tiny_config("", 8)
+    model, tx, mesh = unet.create_model(config), train_state.create_optimizer(config), parallel.make_mesh()
+    # The options reach the init's compile (a dump appears where they say) along with the -O0 of the defaults.
+    monkeypatch.setattr(xla_flags, "state_init_compiler_options",
+                        lambda platform: {**xla_flags.STATE_INIT_CPU_OPTIONS, "xla_dump_to": str(tmp_path)})
+    state = train_state.init_train_state(config, model, tx, mesh)
+    assert list(tmp_path.glob("*_init*.txt"))
+    plain = jax.jit(train_state._init_fn(config, model, tx), out_shardings=parallel.replicated(mesh))(
+        rng.init_key(config.seed))
+    assert jax.tree.structure(state) == jax.tree.structure(plain)
+    for ours, theirs in zip(jax.tree.leaves(state), jax.tree.leaves(plain), strict=True):
+        assert ours.sharding == theirs.sharding
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_the_init_is_compiled_at_o0_on_cpus_only_and_only_with_the_defaults(monkeypatch):
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "1")
+    assert xla_flags.state_init_compiler_options("cpu") == {"xla_backend_optimization_level": 0}
+    assert xla_flags.state_init_compiler_options("gpu") == {} and xla_flags.state_init_compiler_options("tpu") == {}
+    monkeypatch.setenv("DDPM_JAX_XLA_DEFAULTS", "0")
+    assert xla_flags.state_init_compiler_options("cpu") == {}
