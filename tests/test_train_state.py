@@ -98,6 +98,8 @@ def test_abstract_state_is_a_replicated_train_state_of_the_model():
 
 def test_the_init_compiled_for_compile_time_gives_bitwise_the_state_of_the_plain_compile(monkeypatch, tmp_path):
     config = tiny_config("", 8)
+    # One level and no attention: fewer parameters, so the -O3 compile takes seconds instead of most of a minute.
+    config.model.ch_mult, config.model.attn_resolutions = (1,), ()
     model, tx, mesh = unet.create_model(config), train_state.create_optimizer(config), parallel.make_mesh()
     # The options reach the init's compile (a dump appears where they say) along with the -O0 of the defaults.
     monkeypatch.setattr(xla_flags, "state_init_compiler_options",
