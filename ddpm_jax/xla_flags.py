@@ -97,22 +97,22 @@ def flag_values(xla_flags: str) -> dict[str, str]:
     return dict(f.lstrip("-").partition("=")[::2] for f in xla_flags.split())
 
 
-def forced_loop_fusion_emitter() -> bool | None:
-    """DDPM_JAX_LLVM_LOOP_FUSION: 1 forces the LLVM IR emitter for loop fusions, 0 XLA's default; unset: by size."""
+def loop_fusion_override_or(choice: bool) -> bool:
+    """DDPM_JAX_LLVM_LOOP_FUSION's answer to whether loop fusions use the LLVM IR emitter (1: yes, 0: XLA's
+    default), or `choice` (the answer by size) when it is unset."""
     value = os.environ.get(LOOP_FUSION_ENV, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
-    return None
+    return choice
 
 
 def legacy_loop_fusion_for(image_size: int, channels: int) -> bool:
     """Whether a UNet at image_size with `channels` at full resolution compiles its loop fusions with the LLVM IR
     emitter (see the module docstring): for activations up to LEGACY_LOOP_FUSION_MAX_ACTIVATION per image, unless
     DDPM_JAX_LLVM_LOOP_FUSION says otherwise."""
-    forced = forced_loop_fusion_emitter()
-    return image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION if forced is None else forced
+    return loop_fusion_override_or(image_size * image_size * channels <= LEGACY_LOOP_FUSION_MAX_ACTIVATION)
 
 
 def legacy_loop_fusion_for_config(config: Any) -> bool:
@@ -209,8 +209,7 @@ def apply_defaults(cpu_devices: int = 1, inline_dispatch: bool = False, legacy_l
     defaults: dict[str, str] = {}
     if jaxlib_tested():
         defaults.update(CPU_DEFAULTS)
-        forced = forced_loop_fusion_emitter()
-        if legacy_loop_fusion if forced is None else forced:
+        if loop_fusion_override_or(legacy_loop_fusion):
             defaults.update(LEGACY_LOOP_FUSION_DEFAULTS)
     if cpu_devices > 1:  # A flag every jaxlib knows, so not tied to the tested releases.
         defaults[DEVICE_COUNT_FLAG] = str(cpu_devices)
