@@ -74,6 +74,44 @@ def profile(train_step, sample_steps, steps: int, num_sample_steps: int, skip_sa
     return out
 
 
+def conv_kernels(c: dict) -> dict | None:
+    """The forward, input-gradient and weight-gradient calls of one conv_layers.py convolution in PyTorch (NCHW), or
+    None for one not in NHWC or dilated. An uneven padding (a stride-2 downsampling's) is applied to the input
+    beforehand, so the kernels pad nothing (equal FLOPs)."""
+    if not c["nhwc"] or c["lhs_dilation"] != [1, 1] or c["rhs_dilation"] != [1, 1]:
+        return None
+    b, h, w, cin = c["lhs"]
+    kh, kw, kin, cout = c["rhs"]
+    (top, bottom), (left, right) = c["padding"]
+    x = F.pad(torch.randn(b, cin, h, w), (left, right, top, bottom))
+    weight = torch.randn(cout, kin, kh, kw)
+    stride, groups = list(c["strides"]), c["groups"]
+    g = torch.randn_like(F.conv2d(x, weight, stride=stride, groups=groups))
+
+    def backward(mask: list[bool]):
+        return lambda: torch.ops.aten.convolution_backward(g, x, weight, None, stride, [0, 0], [1, 1], False, [0, 0],
+                                                            groups, mask)
+
+    return {"forward": lambda: F.conv2d(x, weight, stride=stride, groups=groups),
+            "input grad": backward([True, False, False]), "weight grad": backward([False, True, False])}
+
+
+def time_conv_layers(convs: list[dict], repeats: int) -> list[dict | None]:
+    """Milliseconds of each convolution's kernels (conv_kernels) in PyTorch: medians of `repeats` calls after one."""
+    times: list[dict | None] = []
+    with torch.no_grad():
+        for c in convs:
+            kernels = conv_kernels(c)
+            row = None
+            if kernels is not None:
+                row = {}
+                for name, fn in kernels.items():
+                    fn()
+                    row[name] = 1e3 * statistics.median(run_times(fn, repeats))
+            times.append(row)
+    return times
+
+
 def _no_mark(_name: str):
     return contextlib.nullcontext()
 
@@ -86,10 +124,16 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow to compile)")
     parser.add_argument("--profile", type=int, default=0, help="print per-op profile rows of this many train steps")
     parser.add_argument("--skip_sampling", action="store_true", help="with --profile: the train step only")
+    parser.add_argument("--conv_layers", default="", help="time these convolutions instead (conv_layers.py's JSON)")
+    parser.add_argument("--repeats", type=int, default=10, help="with --conv_layers: timed calls per kernel")
     args = parser.parse_args()
     p = presets.get(args.preset)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    if args.conv_layers:
+        print(json.dumps({"framework": f"torch {torch.__version__}",
+                          "conv_layers": time_conv_layers(json.loads(args.conv_layers), args.repeats)}))
+        return
 
     model = UNet2DModel(**presets.diffusers_unet_kwargs(p))
     scheduler = DDPMScheduler(num_train_timesteps=1000)

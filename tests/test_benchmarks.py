@@ -13,6 +13,7 @@ from helpers import REPO, tiny_config
 
 sys.path.insert(0, str(REPO))
 from benchmarks import (  # noqa: E402
+    conv_layers,
     flag_sweep,
     gpu_check,
     jax_bench,
@@ -243,6 +244,34 @@ def test_train_options_ab_times_both_programs_and_shows_the_options_reached_the_
         "fused_norm_conv": False, "num_groups": 8}
     with pytest.raises(SystemExit, match="is not FIELD=VALUE"):
         train_options_ab.parse_model_fields(["fused_norm_conv"])
+
+
+def test_conv_layers_reads_every_convolution_of_the_unet_and_times_its_three_kernels():
+    p = presets.get("smoke")
+    convs = conv_layers.unet_convolutions(p, "float32")
+    model = unet.create_model(jax_bench.benchmark_config(p, "float32", 1))
+    x = jnp.zeros((1, p.image_size, p.image_size, 3))
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), x, jnp.zeros((1,), jnp.int32))
+    # Unfolded, each convolution layer (a 4-d HWIO kernel) runs once per forward pass.
+    assert sum(c["count"] for c in convs) == sum(leaf.ndim == 4 for leaf in jax.tree.leaves(params))
+    assert all(c["nhwc"] and c["rhs"][:2] == [3, 3] for c in convs)
+    down = [c for c in convs if c["strides"] == [2, 2]]
+    assert len(down) == 1 and down[0]["lhs"] == [2, 16, 16, 32]
+    plain = next(c for c in convs if c["lhs"] == [2, 16, 16, 32] and c["strides"] == [1, 1] and c["rhs"][3] == 32)
+    assert plain["padding"] == [[1, 1], [1, 1]]
+    assert conv_layers.flops(plain) == 2.0 * 2 * 16 * 16 * 9 * 32 * 32
+    assert conv_layers.flops(down[0]) == conv_layers.flops(plain) / 4  # An 8x8 output.
+    times = conv_layers.time_ours(plain, repeats=1)
+    assert set(times) == set(conv_layers.KERNELS) and all(ms > 0 for ms in times.values())
+    # The totals count each convolution as often as it occurs, over the convolutions both frameworks have times for.
+    two = [dict(plain, count=3), dict(down[0], count=1)]
+    ours = [{"forward": 1.0, "input grad": 2.0, "weight grad": 4.0}] * 2
+    peer = [{"forward": 2.0, "input grad": 2.0, "weight grad": 2.0}, None]
+    table = conv_layers.report(two, ours, peer)
+    assert "weight grad: ddpm_jax 12.0, peer 6.0 (peer/ours 0.50x)" in table
+    assert "all: ddpm_jax 21.0, peer 18.0 (peer/ours 0.86x)" in table
+    assert "| 2x16x16x32 -> 32, 3x3 stride 2 | 1 | forward | 1.00 |" in table and "- | - | - |" in table
+    assert "weight grad: ddpm_jax 12.0" in conv_layers.report(two[:1], ours[:1], None)
 
 
 def test_train_memory_reports_the_buffers_live_at_the_train_steps_peak(tmp_path):
