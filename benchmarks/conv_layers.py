@@ -17,9 +17,9 @@ so for those rows this table gives ddpm_jax's kernels at the peer's cost, not at
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import sys
 from typing import Any
 
@@ -35,7 +35,7 @@ if __name__ == "__main__":  # The kernels run as the train step's do (set before
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks.timing import run_times  # noqa: E402
+from benchmarks.timing import median_after_warmup  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 KERNELS = ("forward", "input grad", "weight grad")
@@ -129,14 +129,16 @@ def time_ours(c: dict, repeats: int) -> dict[str, float]:
     g = jax.random.normal(keys[2], jax.eval_shape(conv, x, w).shape, dtype)
     options = xla_flags.train_step_compiler_options(jax.default_backend()) or None
     fns = {"forward": lambda x, w, g: conv(x, w), "input grad": input_grad, "weight grad": weight_grad}
-    return {name: median_ms(jax.jit(fn).lower(x, w, g).compile(compiler_options=options), (x, w, g), repeats)
-            for name, fn in fns.items()}
+    times = {}
+    for name, fn in fns.items():
+        compiled = jax.jit(fn).lower(x, w, g).compile(compiler_options=options)
+        times[name] = 1e3 * median_after_warmup(functools.partial(_call, compiled, x, w, g), repeats)
+    return times
 
 
-def median_ms(compiled: Any, args: tuple, repeats: int) -> float:
-    """Milliseconds of a compiled program's call: the median of `repeats` calls after one warm-up."""
+def _call(compiled: Any, *args: jax.Array) -> None:
+    """One call of a compiled program, waited for."""
     jax.block_until_ready(compiled(*args))
-    return 1e3 * statistics.median(run_times(lambda: jax.block_until_ready(compiled(*args)), repeats))
 
 
 def label(c: dict) -> str:

@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 if os.environ.get("DDPM_JAX_BENCH_CACHE"):
     jax.config.update("jax_compilation_cache_dir", os.environ["DDPM_JAX_BENCH_CACHE"])
 
-from benchmarks.timing import run_times  # noqa: E402
+from benchmarks.timing import median_after_warmup, run_times  # noqa: E402
 from ddpm_jax import config as default  # noqa: E402
 from ddpm_jax import host_memory, parallel, sampler, train, train_state  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
@@ -184,8 +184,7 @@ def device_stats() -> dict:
 
 def time_sampler(compiled: Any, params: Any, key: jax.Array, steps: int) -> float:
     """Seconds per denoising step of a compiled sampler call: the median of 3 calls after one warm-up."""
-    jax.block_until_ready(compiled(params, key))
-    return statistics.median(run_times(lambda: jax.block_until_ready(compiled(params, key)), 3)) / steps
+    return median_after_warmup(lambda: jax.block_until_ready(compiled(params, key)), 3) / steps
 
 
 def sampling_only(p: presets.Preset, dtype: str) -> dict:

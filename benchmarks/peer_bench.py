@@ -27,7 +27,7 @@ from diffusers.optimization import get_constant_schedule_with_warmup  # noqa: E4
 from diffusers.training_utils import EMAModel  # noqa: E402
 
 from benchmarks import op_profile, presets  # noqa: E402
-from benchmarks.timing import run_times  # noqa: E402
+from benchmarks.timing import median_after_warmup, run_times  # noqa: E402
 
 PASS_MARK = "ddpm_jax:"  # record_function names that mark a pass; every op below one belongs to it.
 
@@ -98,18 +98,10 @@ def conv_kernels(c: dict) -> dict | None:
 
 def time_conv_layers(convs: list[dict], repeats: int) -> list[dict | None]:
     """Milliseconds of each convolution's kernels (conv_kernels) in PyTorch: medians of `repeats` calls after one."""
-    times: list[dict | None] = []
     with torch.no_grad():
-        for c in convs:
-            kernels = conv_kernels(c)
-            row = None
-            if kernels is not None:
-                row = {}
-                for name, fn in kernels.items():
-                    fn()
-                    row[name] = 1e3 * statistics.median(run_times(fn, repeats))
-            times.append(row)
-    return times
+        return [None if kernels is None
+                else {name: 1e3 * median_after_warmup(fn, repeats) for name, fn in kernels.items()}
+                for kernels in map(conv_kernels, convs)]
 
 
 def _no_mark(_name: str):

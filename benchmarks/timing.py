@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -14,3 +15,9 @@ def run_times(fn: Callable[[], object], repeats: int) -> list[float]:
         fn()
         times.append(time.perf_counter() - start)
     return times
+
+
+def median_after_warmup(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of one call of fn: the median of `repeats` timed calls after one untimed warm-up call."""
+    fn()
+    return statistics.median(run_times(fn, repeats))
