@@ -26,6 +26,7 @@ from benchmarks import (  # noqa: E402
     train_options_ab,
 )
 from ddpm_jax import data, xla_flags  # noqa: E402
+from ddpm_jax.models import conv_weight_grad as cwg  # noqa: E402
 from ddpm_jax.models import unet  # noqa: E402
 
 # Parameter counts of diffusers 0.42.1 UNet2DModel(**presets.diffusers_unet_kwargs(preset)), printed by
@@ -244,6 +245,20 @@ def test_train_options_ab_times_both_programs_and_shows_the_options_reached_the_
         "fused_norm_conv": False, "num_groups": 8}
     with pytest.raises(SystemExit, match="is not FIELD=VALUE"):
         train_options_ab.parse_model_fields(["fused_norm_conv"])
+
+
+def test_train_options_ab_traces_its_variant_with_the_kernel_gradient_form_asked_for(monkeypatch):
+    monkeypatch.setenv(cwg.OVERRIDE_ENV, "auto")
+    for form in ("autodiff", "swapped"):
+        with train_options_ab.kernel_gradient_form(form):
+            assert cwg.form_override() == form
+        assert cwg.form_override() == "auto"
+    monkeypatch.delenv(cwg.OVERRIDE_ENV)
+    with train_options_ab.kernel_gradient_form(""):  # the product's own: the environment as it is
+        assert cwg.OVERRIDE_ENV not in os.environ
+    with pytest.raises(RuntimeError), train_options_ab.kernel_gradient_form("swapped"):
+        raise RuntimeError
+    assert cwg.OVERRIDE_ENV not in os.environ
 
 
 def test_conv_layers_reads_every_convolution_of_the_unet_and_times_its_three_kernels():

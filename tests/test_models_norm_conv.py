@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import sharded_and_unsharded_grads
 
+from ddpm_jax.models import conv_weight_grad as cwg
 from ddpm_jax.models.group_norm import GroupNorm
 from ddpm_jax.models.norm_conv import norm_swish_conv, norm_swish_conv_layer
 
@@ -74,11 +75,36 @@ def _assert_close(got, want, tol, what):
                                    err_msg=f"{what}{jax.tree_util.keystr(path)}")
 
 
-# Square and not, one pixel wide, channels changing up and down, one group and many.
+def _kernel_gradient_form(layer, params, x, w):
+    """Which form of the kernel gradient (models/conv_weight_grad.py) the layer's gradient traces: "swapped" if
+    some convolution's input is the padded output gradient."""
+    def loss(params, x):
+        return jnp.sum(layer.apply({"params": params}, x) * w)
+    swapped_input = (x.shape[0], x.shape[1] + 4, x.shape[2] + 4, w.shape[-1])  # the padded output gradient
+    inputs = [tuple(e.invars[0].aval.shape) for e in _equations(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
+              if e.primitive.name == "conv_general_dilated"]
+    return "swapped" if swapped_input in inputs else "autodiff"
+
+
+def _equations(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        for value in e.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
+
+
+# Square and not, one pixel wide, channels changing up and down, one group and many; each with the kernel's gradient
+# in both forms of models/conv_weight_grad.py.
+@pytest.mark.parametrize("form", ["autodiff", "swapped"])
 @pytest.mark.parametrize("shape,features,groups", [((2, 8, 8, 16), 8, 4), ((3, 5, 7, 8), 12, 8),
                                                    ((2, 1, 1, 4), 4, 1), ((1, 6, 4, 32), 32, 32)])
-def test_outputs_and_gradients_match_groupnorm_then_flax_conv(shape, features, groups):
+def test_outputs_and_gradients_match_groupnorm_then_flax_conv(shape, features, groups, form, monkeypatch):
+    monkeypatch.setenv(cwg.OVERRIDE_ENV, form)
     x, params, w, ours, theirs = _setup(shape, features, groups)
+    assert _kernel_gradient_form(ours, params, x, w) == form
     (y, grads), (y_ref, grads_ref) = _value_and_grads(ours, params, x, w), _value_and_grads(theirs, params, x, w)
     assert y.shape == y_ref.shape and y.dtype == jnp.float32
     _assert_close(y, y_ref, 1e-5, "output")
@@ -114,8 +140,10 @@ def test_bfloat16_output_and_gradients():
     assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in jax.tree.leaves((dp, dx)))
 
 
-def test_sharded_gradients_are_all_reduced():
+@pytest.mark.parametrize("form", ["autodiff", "swapped"])
+def test_sharded_gradients_are_all_reduced(form, monkeypatch):
     """Inside shard_map, every parameter's gradient of the mean loss equals the unsharded one (8 devices)."""
+    monkeypatch.setenv(cwg.OVERRIDE_ENV, form)
     n = jax.device_count()
     x, params, w, _, _ = _setup((2 * n, 4, 4, 8), 8, 4, seed=1)
     flat = {"scale": params["norm"]["scale"], "bias": params["norm"]["bias"],
