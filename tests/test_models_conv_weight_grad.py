@@ -60,8 +60,8 @@ def test_kernel_gradient_takes_the_rules_form_unless_overridden(monkeypatch):
     monkeypatch.delenv(cwg.OVERRIDE_ENV, raising=False)
     large, small = _operands(1, 32, 32, 8, 8), _operands(2, 16, 16, 8, 8)
 
-    def conv_input(form, a, g):  # of the one convolution: g padded by 2 (swapped) or a (autodiff's two)
-        return (a.shape[0], a.shape[1] + 4, a.shape[2] + 4, g.shape[-1]) if form == "swapped" else a.shape
+    def conv_input(form, a, g):  # of the one convolution: g padded by 1 (swapped) or a (autodiff's two)
+        return (a.shape[0], a.shape[1] + 2, a.shape[2] + 2, g.shape[-1]) if form == "swapped" else a.shape
 
     on_cpu = jax.default_backend() == "cpu"
     for (a, kernel, g), form in ((large, "swapped" if on_cpu else "autodiff"), (small, "autodiff")):

@@ -80,7 +80,7 @@ def _kernel_gradient_form(layer, params, x, w):
     some convolution's input is the padded output gradient."""
     def loss(params, x):
         return jnp.sum(layer.apply({"params": params}, x) * w)
-    swapped_input = (x.shape[0], x.shape[1] + 4, x.shape[2] + 4, w.shape[-1])  # the padded output gradient
+    swapped_input = (x.shape[0], x.shape[1] + 2, x.shape[2] + 2, w.shape[-1])  # the padded output gradient
     inputs = [tuple(e.invars[0].aval.shape) for e in _equations(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
               if e.primitive.name == "conv_general_dilated"]
     return "swapped" if swapped_input in inputs else "autodiff"

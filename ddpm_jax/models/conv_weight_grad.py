@@ -4,7 +4,7 @@ Autodiff's kernel gradient of a 3x3 convolution is itself a convolution: the act
 with the images as features and the C channels as the batch, and the output gradient (B, H, W, D) as a kernel whose
 window is the whole image. XLA:CPU copies the activation into (C, H, W, B) for it, which walks the array with a
 stride of C, and runs one Eigen product of (9 C) x (H W B) by (H W B) x D. The same sum can be written the other way
-round: the output gradient, padded by 2, as the input (D as the batch) and the padded activation as the kernel, so
+round: the output gradient, padded by 1, as the input (D as the batch) and the activation as the kernel, so
 the strided copy is the output gradient's, the activation's copy is (H, W, B, C) (vectors of C moved whole), and the
 product is (9 D) x (H W B) by (H W B) x C. It is the same gradient up to float rounding.
 
@@ -13,10 +13,11 @@ pass recomputes GroupNorm + swish, which XLA fuses into the activation's copy, s
 recomputation walks the array with a stride of C. Inside that op (GroupNorm -> swish -> conv, forward + backward,
 Intel Xeon VM, 2026-12-08, PERFORMANCE_LOG), the swapped form took 0.56-0.96x the time at 32 x 32 pixels and more
 (tiny32's and small64's), 0.38-0.57x at the output convolution (3 channels), and 0.88-1.69x at 16 x 16 and 8 x 8,
-mostly slower: `swapped_is_faster` is that rule. The whole train step was 1.08x (tiny32), 1.08x (small64) and 1.06x
-(tutorial) as fast with it. Where nothing is fused into the copy (the upsampling convolution's kernel gradient, on
-the upsampled input) the swapped form made small64's step 0.92x as fast, so that one keeps autodiff's. Other
-backends keep autodiff's form: cuDNN and TPU convolutions have their own kernel-gradient algorithms.
+mostly slower: `swapped_is_faster` is that rule. The whole train step was 1.13x (tiny32) and 1.04x (small64) as fast
+with it, faster in every round (and 1.06x on tutorial with an earlier form that padded both operands). Where nothing
+is fused into the copy (the upsampling convolution's kernel gradient, on the upsampled input) the swapped form made
+small64's step 0.92x as fast, so that one keeps autodiff's. Other backends keep autodiff's form: cuDNN and TPU
+convolutions have their own kernel-gradient algorithms.
 DDPM_JAX_KERNEL_GRADIENT=autodiff (or swapped) overrides the rule for every convolution traced after it is set, e.g.
 to check it on another CPU (`benchmarks/train_options_ab.py --kernel_gradient autodiff`).
 """
@@ -56,10 +57,10 @@ def autodiff_kernel_gradient(a: jax.Array, kernel: jax.Array, g: jax.Array) -> j
 def swapped_kernel_gradient(a: jax.Array, g: jax.Array) -> jax.Array:
     """The gradient `autodiff_kernel_gradient` computes, in a's dtype, with g as the convolution's input and a as its
     kernel (see the module docstring)."""
-    a_pad = jnp.pad(a, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    g_pad = jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    # out[d, 2 - i, 2 - j, c] = sum over b, h, w of a_pad[b, h + i, w + j, c] * g[b, h, w, d].
-    out = lax.conv_general_dilated(g_pad, a_pad, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "NHWC"))
+    g_pad = jnp.pad(g, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # out[d, 2 - i, 2 - j, c] = sum over b, u, v of g_pad[b, 2 - i + u, 2 - j + v, d] * a[b, u, v, c]
+    #                         = sum over b, h, w of a[b, h + i - 1, w + j - 1, c] * g[b, h, w, d] (a zero outside).
+    out = lax.conv_general_dilated(g_pad, a, (1, 1), "VALID", dimension_numbers=("CHWN", "IHWO", "NHWC"))
     return jnp.transpose(out[:, ::-1, ::-1, :], (1, 2, 3, 0))
 
 
