@@ -1,5 +1,7 @@
 """Checks a config before anything is compiled: one readable line per problem, naming the accepted values.
 
+Also the environment variables that change what is compiled and are read while tracing (DDPM_JAX_KERNEL_GRADIENT).
+
 Value rules only: no file or network I/O (files named by a config are checked by the code that reads them).
 """
 
@@ -12,6 +14,7 @@ from ddpm_jax import config as default_config
 from ddpm_jax.diffusion import likelihood, losses, samplers, schedule, timesteps
 from ddpm_jax.diffusion.parameterization import PREDICTIONS
 from ddpm_jax.errors import ConfigError
+from ddpm_jax.models import conv_weight_grad
 
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("adam", "adamw")
@@ -31,6 +34,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> None:
     """Raises ConfigError on the first value that cannot work on `num_devices` devices over `process_count` hosts."""
     check_known_keys(config)
+    conv_weight_grad.form_override()  # The environment's override of the kernel gradients' form, if any.
     d, m, diff, o, t, s = (config.data, config.model, config.diffusion, config.optim, config.training, config.sampling)
 
     _require(config.seed >= 0, f"seed={config.seed} must be >= 0")

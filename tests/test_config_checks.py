@@ -232,3 +232,11 @@ def test_unipc_goes_to_order_two():
     config.sampling.method, config.sampling.solver_order = "unipc", 3
     with pytest.raises(ConfigError, match=E("sampling.solver_order=3 must be 1 to 2 for sampling.method=unipc")):
         config_checks.validate(config, num_devices=1)
+
+
+def test_a_wrong_kernel_gradient_override_is_refused_before_compiling(tiny, monkeypatch):
+    monkeypatch.setenv("DDPM_JAX_KERNEL_GRADIENT", "fast")
+    with pytest.raises(ConfigError, match=r"^DDPM_JAX_KERNEL_GRADIENT='fast' is not one of auto, autodiff, swapped"):
+        config_checks.validate(tiny, num_devices=1)
+    monkeypatch.setenv("DDPM_JAX_KERNEL_GRADIENT", "autodiff")
+    config_checks.validate(tiny, num_devices=1)

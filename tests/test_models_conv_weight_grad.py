@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import conv_weight_grad as cwg
 
 
@@ -75,5 +76,5 @@ def test_kernel_gradient_takes_the_rules_form_unless_overridden(monkeypatch):
 def test_a_wrong_override_is_refused_in_one_line(monkeypatch):
     monkeypatch.setenv(cwg.OVERRIDE_ENV, "fast")
     a, kernel, g = _operands(1, 4, 4, 4, 4)
-    with pytest.raises(ValueError, match=r"DDPM_JAX_KERNEL_GRADIENT='fast' is not one of auto, autodiff, swapped"):
+    with pytest.raises(ConfigError, match=r"DDPM_JAX_KERNEL_GRADIENT='fast' is not one of auto, autodiff, swapped"):
         cwg.kernel_gradient(a, kernel, g)

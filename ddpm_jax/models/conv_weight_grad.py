@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ddpm_jax.errors import ConfigError
+
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 OVERRIDE_ENV = "DDPM_JAX_KERNEL_GRADIENT"
 FORMS = ("auto", "autodiff", "swapped")
@@ -65,10 +67,11 @@ def swapped_kernel_gradient(a: jax.Array, g: jax.Array) -> jax.Array:
 
 
 def form_override() -> str:
-    """DDPM_JAX_KERNEL_GRADIENT's value: "auto" (the default: by shape), "autodiff" or "swapped"."""
+    """DDPM_JAX_KERNEL_GRADIENT's value: "auto" (the default: by shape), "autodiff" or "swapped"; ConfigError for
+    anything else (config_checks.validate asks before anything is compiled)."""
     value = os.environ.get(OVERRIDE_ENV, "").strip().lower() or "auto"
     if value not in FORMS:
-        raise ValueError(f"{OVERRIDE_ENV}={value!r} is not one of {', '.join(FORMS)}; unset it for the default (auto)")
+        raise ConfigError(f"{OVERRIDE_ENV}={value!r} is not one of {', '.join(FORMS)}; unset it for the default (auto)")
     return value
 
 
