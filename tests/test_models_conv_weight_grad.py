@@ -36,11 +36,13 @@ def test_swapped_form_is_autodiffs_gradient(shape):
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(want))))
 
 
-def test_swapped_form_in_bfloat16():
+def test_swapped_form_in_bfloat16(monkeypatch):
+    monkeypatch.setenv(cwg.OVERRIDE_ENV, "swapped")
     a, kernel, g = _operands(2, 8, 8, 16, 8, dtype=jnp.bfloat16)
+    assert _conv_lhs_shapes(cwg.kernel_gradient, a, kernel, g) == {(2, 10, 10, 8)}  # the swapped form ran
+    got = jax.jit(lambda *xs: cwg.kernel_gradient(*xs))(a, kernel, g)  # traced afresh, under the override
     want = jax.jit(cwg.autodiff_kernel_gradient)(a, kernel, g)
-    got = jax.jit(cwg.kernel_gradient)(a, kernel, g)
-    assert want.dtype == got.dtype == jnp.float32
+    assert got.dtype == want.dtype == jnp.float32  # computed in bfloat16, returned in the kernel's dtype
     exact = cwg.autodiff_kernel_gradient(a.astype(jnp.float32), kernel, g.astype(jnp.float32))
     scale = float(jnp.max(jnp.abs(exact)))
     assert float(jnp.max(jnp.abs(got - exact))) < 0.02 * scale
