@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.conv_layers import conv_equations  # the convolutions of a jaxpr, nested ones included
 from ddpm_jax.errors import ConfigError
 from ddpm_jax.models import conv_weight_grad as cwg
 
@@ -20,8 +21,7 @@ def _operands(batch, height, width, cin, cout, dtype=jnp.float32, seed=0):
 def _conv_lhs_shapes(fn, *args):
     """The input shapes of the convolutions in fn's jaxpr (autodiff's: the primal one and its transpose), traced
     afresh (make_jaxpr caches traces by function, and the form is chosen while tracing)."""
-    return {tuple(e.invars[0].aval.shape) for e in jax.make_jaxpr(lambda *xs: fn(*xs))(*args).jaxpr.eqns
-            if e.primitive.name == "conv_general_dilated"}
+    return {tuple(e.invars[0].aval.shape) for e in conv_equations(jax.make_jaxpr(lambda *xs: fn(*xs))(*args).jaxpr)}
 
 
 # Square and not, one pixel, fewer and more output channels, the UNet's 3-channel output convolution.

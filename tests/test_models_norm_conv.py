@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from helpers import sharded_and_unsharded_grads
 
+from benchmarks.conv_layers import conv_equations  # the convolutions of a jaxpr, nested ones included
 from ddpm_jax.models import conv_weight_grad as cwg
 from ddpm_jax.models.group_norm import GroupNorm
 from ddpm_jax.models.norm_conv import norm_swish_conv, norm_swish_conv_layer
@@ -81,19 +82,8 @@ def _kernel_gradient_form(layer, params, x, w):
     def loss(params, x):
         return jnp.sum(layer.apply({"params": params}, x) * w)
     swapped_input = (x.shape[0], x.shape[1] + 2, x.shape[2] + 2, w.shape[-1])  # the padded output gradient
-    inputs = [tuple(e.invars[0].aval.shape) for e in _equations(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)
-              if e.primitive.name == "conv_general_dilated"]
+    inputs = [tuple(e.invars[0].aval.shape) for e in conv_equations(jax.make_jaxpr(jax.grad(loss))(params, x).jaxpr)]
     return "swapped" if swapped_input in inputs else "autodiff"
-
-
-def _equations(jaxpr):
-    for e in jaxpr.eqns:
-        yield e
-        for value in e.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _equations(inner)
 
 
 # Square and not, one pixel wide, channels changing up and down, one group and many; each with the kernel's gradient

@@ -49,11 +49,16 @@ def swapped_is_faster(height: int, width: int, out_channels: int, platform: str)
     return out_channels <= FEW_OUTPUT_CHANNELS or height * width >= MIN_PIXELS
 
 
+def conv3x3_same(a: jax.Array, kernel: jax.Array) -> jax.Array:
+    """3x3 SAME convolution, stride 1, of a (B, H, W, C) by kernel (3, 3, C, D), as flax.linen.Conv computes it (no
+    bias): the convolution whose kernel gradient this module computes."""
+    return lax.conv_general_dilated(a, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS)
+
+
 def autodiff_kernel_gradient(a: jax.Array, kernel: jax.Array, g: jax.Array) -> jax.Array:
     """(3, 3, C, D) gradient of sum(conv3x3_same(a, kernel) * g) with respect to the kernel, as autodiff writes it:
     computed in a's dtype, returned in the kernel's (whose values are not read)."""
-    return jax.vjp(lambda k: lax.conv_general_dilated(a, k.astype(a.dtype), (1, 1), ((1, 1), (1, 1)),
-                                                      dimension_numbers=_DIMENSIONS), kernel)[1](g)[0]
+    return jax.vjp(lambda k: conv3x3_same(a, k.astype(a.dtype)), kernel)[1](g)[0]
 
 
 def swapped_kernel_gradient(a: jax.Array, g: jax.Array) -> jax.Array:

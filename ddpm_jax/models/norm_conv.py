@@ -27,14 +27,8 @@ from jax import lax
 from ddpm_jax.models import conv_weight_grad
 from ddpm_jax.models import group_norm as gn
 
-_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # The name flax gives a block's one nn.Dropout, which its key derives from; the fused op's mask uses it too.
 DROPOUT_NAME = "Dropout_0"
-
-
-def _conv(a: jax.Array, kernel: jax.Array) -> jax.Array:
-    """3x3 SAME convolution, stride 1, as flax.linen.Conv computes it (no bias)."""
-    return lax.conv_general_dilated(a, kernel, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DIMENSIONS)
 
 
 def _activation(x, scale, bias, mean, rstd, keep, keep_prob, dtype):
@@ -51,7 +45,7 @@ def _forward(x, scale, bias, kernel, conv_bias, keep, num_groups, epsilon, keep_
     b, h, w, c = x.shape
     mean, rstd = gn.group_statistics(x.astype(jnp.float32).reshape(b, h * w, c), num_groups, epsilon)
     a = _activation(x, scale, bias, mean, rstd, keep, keep_prob, dtype)
-    out = _conv(a, kernel.astype(a.dtype)) + conv_bias.astype(a.dtype)
+    out = conv_weight_grad.conv3x3_same(a, kernel.astype(a.dtype)) + conv_bias.astype(a.dtype)
     return out, (x, mean, rstd, scale, bias, kernel, keep)
 
 
@@ -75,7 +69,7 @@ def _bwd(num_groups, epsilon, keep_prob, dtype, saved, g):
     x, mean, rstd = x + zero.astype(x.dtype), mean + zero, rstd + zero
     a = _activation(x, scale, bias, mean, rstd, keep, keep_prob, dtype)
     # The input's pullback: its primal output is unused, so XLA drops that forward convolution.
-    da = jax.vjp(lambda a: _conv(a, kernel.astype(a.dtype)), a)[1](g)[0]
+    da = jax.vjp(lambda a: conv_weight_grad.conv3x3_same(a, kernel.astype(a.dtype)), a)[1](g)[0]
     dkernel = conv_weight_grad.kernel_gradient(a, kernel, g)
     dconv_bias = jnp.sum(g.astype(jnp.float32), axis=(0, 1, 2)).astype(conv_bias.dtype)
     if keep is not None:
